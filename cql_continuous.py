@@ -1,0 +1,518 @@
+"""CQL for continuous actions: offline pre-training, then online fine-tuning, in one file (Cal-QL without calibration).
+
+Nakamoto et al., "Cal-QL: Calibrated Offline RL Pre-Training for Efficient Online Fine-Tuning", NeurIPS 2023.
+Cal-QL is CQL whose regularizer pushes down max(Q(s, a_pi), mc_return(s)) instead of Q(s, a_pi) for policy actions,
+where mc_return(s) is the Monte-Carlo return-to-go of the trajectory the transition came from: one line, marked
+"Cal-QL:" in cal_ql_continuous.py. `diff cql_continuous.py cal_ql_continuous.py` shows it is the only change.
+"""
+
+import argparse
+import copy
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from utils.datasets import DatasetError, check_dataset_fits_env, get_task, load_dataset, make_env
+from utils.evaluation import evaluate
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled by default"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "cal-ql"
+    """the wandb's project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """record the first episode of every evaluation to `videos/{run_name}` (needs moviepy and a MuJoCo GL backend)"""
+    save_model: bool = True
+    """save the agent to `runs/{run_name}/pretrained.pt` after pre-training and `final.pt` at the end"""
+
+    # data
+    env_id: str = "pointmaze-umaze"
+    """the task; `--env-id ID --help` shows its preset. Any gymnasium id works with --dataset-path or --dataset-id"""
+    dataset_path: str | None = None
+    """a D4RL-format HDF5 file to use as the offline data"""
+    dataset_id: str | None = None
+    """a Minari dataset id to use as the offline data"""
+    dataset_dir: str = "datasets"
+    """where the embedded task's collected data is cached"""
+    reward_scale: float = 1.0
+    """rewards become reward * scale + bias, offline and online, before Monte-Carlo labelling"""
+    reward_bias: float = 0.0
+    """see --reward-scale"""
+    failure_reward: float | None = None
+    """sparse tasks: the raw reward of a step away from the goal; a trajectory made only of it gets the MC return
+    of failing forever, (failure_reward * scale + bias) / (1 - gamma). None: plain discounted sums (dense rewards)"""
+
+    # networks
+    policy_hidden: list[int] = field(default_factory=lambda: [256, 256])
+    """hidden layer widths of the actor"""
+    q_hidden: list[int] = field(default_factory=lambda: [256, 256])
+    """hidden layer widths of each critic"""
+
+    # CQL / Cal-QL
+    gamma: float = 0.99
+    """the discount factor"""
+    tau: float = 5e-3
+    """target network update rate (Polyak averaging every gradient step)"""
+    policy_lr: float = 1e-4
+    """learning rate of the actor and of the SAC temperature"""
+    q_lr: float = 3e-4
+    """learning rate of the critics and of the CQL Lagrange multiplier"""
+    batch_size: int = 256
+    """transitions per gradient step"""
+    cql_n_actions: int = 10
+    """actions sampled per state for each of the random, pi(s) and pi(s') sets, and for the max-target backup"""
+    cql_weight: float = 5.0
+    """weight of the conservative regularizer (CQL alpha)"""
+    cql_importance_sample: bool = True
+    """subtract the sampling log-densities inside the logsumexp (and leave the data action out of it)"""
+    cql_temp: float = 1.0
+    """temperature of the logsumexp"""
+    cql_lagrange: bool = False
+    """tune a multiplier alpha' (init e) that scales --cql-weight so the regularizer gap reaches --cql-target-action-gap"""
+    cql_target_action_gap: float = 1.0
+    """the gap targeted with --cql-lagrange"""
+    cql_clip_diff_min: float = -math.inf
+    """lower clip of logsumexp - Q(s, a_data), per transition"""
+    cql_clip_diff_max: float = math.inf
+    """upper clip of logsumexp - Q(s, a_data), per transition"""
+
+    # offline
+    offline_steps: int = 1_000_000
+    """gradient steps of offline pre-training"""
+    offline_eval_every: int = 50_000
+    """evaluate every this many offline gradient steps"""
+    pretrained_checkpoint: str | None = None
+    """skip pre-training and fine-tune the agent saved in this file"""
+
+    # online
+    online_env_steps: int = 1_000_000
+    """environment steps of online fine-tuning"""
+    mixing_ratio: float = 0.5
+    """fraction of every online-phase batch drawn from the offline data (the rest from the online buffer)"""
+    utd_ratio: int = 1
+    """gradient steps per environment step, done in one go after each finished episode"""
+    buffer_size: int = 1_000_000
+    """capacity of the online replay buffer"""
+    online_eval_every: int = 2_000
+    """evaluate when the environment-step count crosses a multiple of this"""
+
+    # evaluation and logging
+    eval_episodes: int = 20
+    """episodes per evaluation, deterministic policy tanh(mean)"""
+    log_every: int = 100
+    """write losses (one device-to-host copy) every this many gradient steps"""
+
+
+PRESETS = {  # per task family, the settings that differ from Args' defaults; any flag overrides them
+    # The embedded task is small enough for 2 CPU cores: narrower networks and short phases (see README).
+    "pointmaze": dict(
+        reward_scale=10.0, reward_bias=-5.0, failure_reward=0.0, policy_hidden=[128, 128], q_hidden=[128, 128],
+        cql_n_actions=10, offline_steps=5_000, offline_eval_every=2_500, online_env_steps=10_000,
+        online_eval_every=2_500, eval_episodes=50,
+    ),
+    "custom": dict(),
+}
+
+
+def parse_args() -> Args:
+    """tyro CLI whose defaults are the chosen task's preset, so `--env-id X --help` shows what X will run with."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--env-id", default=Args.env_id)
+    env_id = pre.parse_known_args()[0].env_id
+    family = get_task(env_id, "?", "?").family
+    return tyro.cli(Args, default=replace(Args(), env_id=env_id, **PRESETS[family]))
+
+
+def calc_mc_returns(rewards, terminals, episode_ends, gamma, failure_reward=None) -> np.ndarray:
+    """Monte-Carlo return-to-go of every transition of a flat dataset (trajectories concatenated):
+    G_t = r_t + gamma * (1 - terminal_t) * G_{t+1}, with nothing bootstrapped past a trajectory's last step.
+    Sparse failure rule (official): a trajectory whose every reward equals failure_reward never reached the goal,
+    so each of its steps gets the value of failing forever, failure_reward / (1 - gamma)."""
+    rewards, episode_ends = np.asarray(rewards, np.float64), np.asarray(episode_ends, bool)
+    returns = rewards.copy()
+    decay = gamma * (1.0 - np.asarray(terminals, np.float64)) * ~episode_ends
+    # Suffix scan in log2(N) vectorised passes: after the pass with shift k, returns[t] holds the discounted sum
+    # of rewards t..t+2k-1 (cut at terminals and trajectory ends) and decay[t] the discount onto t+2k.
+    shift = 1
+    while shift < len(returns):
+        returns[:-shift] += decay[:-shift] * returns[shift:]
+        decay[:-shift] *= decay[shift:]
+        shift *= 2
+    if failure_reward is not None:
+        trajectory = np.concatenate([[0], np.cumsum(episode_ends[:-1])]).astype(np.int64)
+        failed = np.bincount(trajectory, weights=rewards != failure_reward) == 0
+        returns[failed[trajectory]] = failure_reward / (1 - gamma)
+    return returns.astype(np.float32)
+
+
+def init_orthogonal_(weight: torch.Tensor, gain: float):
+    """Orthogonal init of an [out, in] matrix (official: hidden gain sqrt(2), output gain 1e-2)."""
+    return nn.init.orthogonal_(weight, gain=gain)
+
+
+class Actor(nn.Module):
+    """Tanh-Gaussian policy: log_std = multiplier * raw + offset (two learnable scalars), clipped to [-20, 2]."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden: list[int]):
+        super().__init__()
+        sizes = [obs_dim, *hidden, 2 * action_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:]))
+        for k, layer in enumerate(self.layers):
+            init_orthogonal_(layer.weight, 1e-2 if k == len(self.layers) - 1 else math.sqrt(2))
+            nn.init.zeros_(layer.bias)
+        self.log_std_multiplier = nn.Parameter(torch.tensor(1.0))
+        self.log_std_offset = nn.Parameter(torch.tensor(-1.0))
+
+    def forward(self, obs):
+        x = obs
+        for layer in self.layers[:-1]:
+            x = F.relu(layer(x))
+        mean, raw_log_std = self.layers[-1](x).chunk(2, dim=-1)
+        return mean, (self.log_std_multiplier * raw_log_std + self.log_std_offset).clamp(-20.0, 2.0)
+
+    def sample(self, obs, eps):
+        """Reparameterised action tanh(mean + std * eps) and its log-probability. eps [B, A], or [B, N, A] for N
+        actions per state."""
+        mean, log_std = self(obs)
+        if eps.dim() == 3:
+            mean, log_std = mean.unsqueeze(1), log_std.unsqueeze(1)
+        x = mean + log_std.exp() * eps
+        # Gaussian log-density minus log(1 - tanh(x)^2), the latter written as 2 * (log 2 - x - softplus(-2x))
+        log_prob = -0.5 * eps**2 - 0.5 * math.log(2 * math.pi) - log_std - 2 * (math.log(2) - x - F.softplus(-2 * x))
+        return torch.tanh(x), log_prob.sum(-1)
+
+    def act(self, obs):
+        """The deterministic action used for evaluation."""
+        return torch.tanh(self(obs)[0])
+
+
+class Critics(nn.Module):
+    """Q1 and Q2 as one module: each layer's weights are stacked on a leading axis of 2, so a single batched
+    matmul per layer evaluates both critics. Q_k(s, a) = MLP_k([s, a]) with ReLU and a scalar output."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden: list[int], n_critics: int = 2):
+        super().__init__()
+        sizes = [obs_dim + action_dim, *hidden, 1]
+        self.weights = nn.ParameterList(nn.Parameter(torch.empty(n_critics, i, o)) for i, o in zip(sizes[:-1], sizes[1:]))
+        self.biases = nn.ParameterList(nn.Parameter(torch.zeros(n_critics, 1, o)) for o in sizes[1:])
+        with torch.no_grad():
+            for k, w in enumerate(self.weights):
+                for member in w:  # each critic initialised independently, like a separate nn.Linear
+                    member.copy_(init_orthogonal_(torch.empty(member.shape[::-1]), 1e-2 if k == len(self.weights) - 1 else math.sqrt(2)).T)
+
+    def forward(self, obs, actions, detach_params=False):
+        """Q-values [2, *batch] of actions [*batch, A] at obs [B, obs_dim] (broadcast over extra action axes).
+        detach_params lets a loss read the critics without training them (the actor loss)."""
+        if actions.dim() > obs.dim():
+            obs = obs.unsqueeze(1).expand(*actions.shape[:-1], -1)
+        x = torch.cat([obs, actions], -1).reshape(-1, obs.shape[-1] + actions.shape[-1])
+        for k, (w, b) in enumerate(zip(self.weights, self.biases)):
+            if detach_params:
+                w, b = w.detach(), b.detach()
+            x = torch.matmul(x, w) + b
+            if k < len(self.weights) - 1:
+                x = F.relu(x)
+        return x.reshape(len(self.weights[0]), *actions.shape[:-1])
+
+
+class Agent(nn.Module):
+    """Everything that learns: actor, critics and their targets, SAC temperature, CQL Lagrange multiplier."""
+
+    def __init__(self, obs_dim: int, action_dim: int, args: Args):
+        super().__init__()
+        self.actor = Actor(obs_dim, action_dim, args.policy_hidden)
+        self.qf = Critics(obs_dim, action_dim, args.q_hidden)
+        self.qf_target = copy.deepcopy(self.qf).requires_grad_(False)
+        self.log_alpha = nn.Parameter(torch.tensor(0.0))
+        self.log_alpha_prime = nn.Parameter(torch.tensor(1.0))  # alpha' starts at e (official)
+
+    def make_optimizer(self, args: Args):
+        """One Adam over four groups (Adam is per-element, so this equals one optimizer per group)."""
+        return torch.optim.Adam(
+            [
+                {"params": self.actor.parameters(), "lr": args.policy_lr},
+                {"params": [self.log_alpha], "lr": args.policy_lr},
+                {"params": self.qf.parameters(), "lr": args.q_lr},
+                {"params": [self.log_alpha_prime], "lr": args.q_lr},
+            ]
+        )
+
+
+def draw_noise(batch_size: int, n_actions: int, action_dim: int, device) -> dict[str, torch.Tensor]:
+    """Every random number of one update, drawn in one place (the golden test feeds recorded draws instead)."""
+    shape = (batch_size, n_actions, action_dim)
+    return {
+        "new_actions_eps": torch.randn(batch_size, action_dim, device=device),  # actor and temperature losses
+        "backup_eps": torch.randn(shape, device=device),  # N actions at s' for the max-target backup
+        "current_eps": torch.randn(shape, device=device),  # N actions from pi(.|s) for the CQL term
+        "next_eps": torch.randn(shape, device=device),  # N actions from pi(.|s') for the CQL term
+        "random_actions": torch.rand(shape, device=device) * 2 - 1,  # N uniform actions for the CQL term
+    }
+
+
+def cal_ql_losses(agent: Agent, batch: dict, noise: dict, args: Args) -> dict[str, torch.Tensor]:
+    """All losses of one step from the current parameters; per-critic entries have shape [2]."""
+    actor, qf = agent.actor, agent.qf
+    obs, next_obs, action_dim, n = batch["obs"], batch["next_obs"], batch["actions"].shape[-1], args.cql_n_actions
+    mc_returns = batch["mc_returns"].unsqueeze(-1)  # [B, 1]: the bound for every sampled action of a state
+
+    with torch.no_grad():  # TD target: max over N next actions of min(Q1', Q2'), no entropy bonus
+        next_actions, _ = actor.sample(next_obs, noise["backup_eps"])
+        target_q = agent.qf_target(next_obs, next_actions).min(0).values.max(-1).values
+        td_target = batch["rewards"] + args.gamma * (1 - batch["terminals"]) * target_q
+        # policy actions for the CQL term, constants for the critic; pi(s') actions are scored at s (official)
+        cur_actions, cur_log_pi = actor.sample(obs, noise["current_eps"])
+        next_pi_actions, next_log_pi = actor.sample(next_obs, noise["next_eps"])
+
+    # one batched forward: the data action, then N random, N pi(s) and N pi(s') actions, all at s -> [2, B, 1+3N]
+    q = qf(obs, torch.cat([batch["actions"].unsqueeze(1), noise["random_actions"], cur_actions, next_pi_actions], 1))
+    q_data, q_rand, q_cur, q_next = q[..., 0], q[..., 1 : 1 + n], q[..., 1 + n : 1 + 2 * n], q[..., 1 + 2 * n :]
+    td_loss = ((q_data - td_target) ** 2).mean(-1)
+
+    bound_rate = (torch.cat([q_cur, q_next], -1) < mc_returns).float().mean()
+    if args.cql_importance_sample:
+        random_log_density = action_dim * math.log(0.5)  # Uniform[-1, 1]^A
+        ood = [q_rand - random_log_density, q_next - next_log_pi, q_cur - cur_log_pi]
+    else:
+        ood = [q_rand, q_data.unsqueeze(-1), q_next, q_cur]
+    logsumexp = args.cql_temp * torch.logsumexp(torch.cat(ood, -1) / args.cql_temp, -1)
+    cql_diff = (logsumexp - q_data).clamp(args.cql_clip_diff_min, args.cql_clip_diff_max).mean(-1)
+    if args.cql_lagrange:  # alpha' rises while the gap exceeds its target; each side sees the other as a constant
+        alpha_prime = agent.log_alpha_prime.exp().clamp(0.0, 1e6)
+        cql_loss = alpha_prime.detach() * args.cql_weight * (cql_diff - args.cql_target_action_gap)
+        alpha_prime_loss = -(alpha_prime * args.cql_weight * (cql_diff.detach() - args.cql_target_action_gap)).mean()
+    else:
+        cql_loss = args.cql_weight * cql_diff
+        alpha_prime = alpha_prime_loss = torch.zeros_like(agent.log_alpha_prime)  # unused; logged as 0 (official)
+
+    new_actions, log_pi = actor.sample(obs, noise["new_actions_eps"])
+    q_new = qf(obs, new_actions, detach_params=True).min(0).values  # trains the actor only
+    alpha = agent.log_alpha.exp()
+    actor_loss = (alpha.detach() * log_pi - q_new).mean()
+    alpha_loss = -(agent.log_alpha * (log_pi.detach() - action_dim)).mean()  # target entropy -|A|
+    return {
+        "qf_loss": td_loss + cql_loss, "td_loss": td_loss, "cql_loss": cql_loss, "cql_diff": cql_diff,
+        "actor_loss": actor_loss, "alpha_loss": alpha_loss, "alpha_prime_loss": alpha_prime_loss,
+        "alpha": alpha.detach(), "alpha_prime": alpha_prime.detach(), "q_data": q_data.detach().mean(),
+        "bound_rate": bound_rate, "q_minus_mc": (q_new.detach() - batch["mc_returns"]).mean(),
+    }
+
+
+def update(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict, noise: dict, args: Args) -> dict:
+    """One gradient step on every loss (all from the pre-update parameters), then the Polyak target update.
+    Returns detached scalar metrics, left on the device (no host sync)."""
+    losses = cal_ql_losses(agent, batch, noise, args)
+    optimizer.zero_grad(set_to_none=True)
+    (losses["qf_loss"].sum() + losses["actor_loss"] + losses["alpha_loss"] + losses["alpha_prime_loss"]).backward()
+    optimizer.step()
+    with torch.no_grad():
+        torch._foreach_lerp_(list(agent.qf_target.parameters()), list(agent.qf.parameters()), args.tau)
+    return {k: v.detach().mean() for k, v in losses.items()}
+
+
+class ReplayBuffer:
+    """Transitions kept as tensors on the training device (FIFO once full), sampled uniformly with replacement."""
+
+    def __init__(self, capacity: int, obs_dim: int, action_dim: int, device: torch.device):
+        self.capacity, self.size, self.pos, self.device = capacity, 0, 0, device
+        shapes = {"obs": (obs_dim,), "actions": (action_dim,), "rewards": (), "next_obs": (obs_dim,), "terminals": (), "mc_returns": ()}
+        self.data = {k: torch.zeros((capacity, *s), device=device) for k, s in shapes.items()}
+
+    def add(self, transitions: dict[str, np.ndarray]):
+        idx = (self.pos + torch.arange(len(transitions["rewards"]), device=self.device)) % self.capacity
+        for k, v in self.data.items():
+            v[idx] = torch.as_tensor(transitions[k], dtype=torch.float32, device=self.device)
+        self.pos = (self.pos + len(idx)) % self.capacity
+        self.size = min(self.size + len(idx), self.capacity)
+
+    def sample(self, n: int) -> dict[str, torch.Tensor]:
+        idx = torch.randint(self.size, (n,), device=self.device)
+        return {k: v[idx] for k, v in self.data.items()}
+
+
+def label_transitions(data: dict[str, np.ndarray], args: Args) -> dict[str, np.ndarray]:
+    """Dataset-format arrays -> buffer transitions: scaled rewards, clipped actions and Monte-Carlo returns.
+    The same path serves the offline data and every finished online episode."""
+    rewards = data["rewards"] * args.reward_scale + args.reward_bias
+    failure = None if args.failure_reward is None else args.failure_reward * args.reward_scale + args.reward_bias
+    return {
+        "obs": data["observations"],
+        "actions": np.clip(data["actions"], -0.99999, 0.99999),  # finite tanh log-probs of data actions
+        "rewards": rewards,
+        "next_obs": data["next_observations"],
+        "terminals": data["terminals"],
+        "mc_returns": calc_mc_returns(rewards, data["terminals"], data["episode_ends"], args.gamma, failure),
+    }
+
+
+def collect_episode(env: gym.Env, actor: Actor, device: torch.device) -> tuple[dict, dict]:
+    """Roll out one whole episode with the stochastic policy; returns it in dataset format, and its statistics."""
+    obs, _ = env.reset()
+    steps, success, done = [], False, False
+    while not done:
+        with torch.no_grad():
+            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0)
+            action = actor.sample(obs_t, torch.randn(1, env.action_space.shape[0], device=device))[0][0].cpu().numpy()
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        steps.append((obs, action, reward, next_obs, terminated))
+        success |= bool(info.get("success", False))
+        obs, done = next_obs, terminated or truncated
+    columns = [np.asarray(c, np.float32) for c in zip(*steps)]
+    episode = dict(zip(("observations", "actions", "rewards", "next_observations", "terminals"), columns))
+    episode["episode_ends"] = np.arange(len(steps)) == len(steps) - 1
+    return episode, {"return": float(columns[2].sum()), "length": len(steps), "success": success}
+
+
+def save_checkpoint(path: str, agent: Agent, optimizer: torch.optim.Optimizer, global_step: int, args: Args):
+    torch.save({"agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "global_step": global_step, "args": asdict(args)}, path)
+
+
+def load_checkpoint(path: str, agent: Agent, optimizer: torch.optim.Optimizer) -> int:
+    try:
+        checkpoint = torch.load(path, map_location=next(agent.parameters()).device)
+        agent.load_state_dict(checkpoint["agent"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except FileNotFoundError:
+        raise SystemExit(f"error: --pretrained-checkpoint {path} does not exist")
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise SystemExit(f"error: {path} does not fit this run ({str(e).splitlines()[0]}); use the --env-id and network sizes it was trained with")
+    return checkpoint["global_step"]
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    print(f"{args.exp_name} on {args.env_id}:", ", ".join(f"{k}={v}" for k, v in asdict(args).items()))
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # environment and offline data, labelled with Monte-Carlo returns
+    try:
+        task = get_task(args.env_id, args.dataset_path, args.dataset_id)
+        env, eval_env = make_env(args.env_id, args.seed), make_env(args.env_id, args.seed)
+        dataset = load_dataset(args.env_id, args.dataset_path, args.dataset_id, args.dataset_dir)
+        check_dataset_fits_env(dataset, env, args.dataset_path or args.dataset_id or args.env_id)
+    except DatasetError as e:
+        raise SystemExit(f"error: {e}")
+    if args.capture_video:
+        eval_env = gym.wrappers.RecordVideo(make_env(args.env_id, args.seed, render_mode="rgb_array"), f"videos/{run_name}", episode_trigger=lambda i: i % args.eval_episodes == 0)
+    obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    offline_buffer = ReplayBuffer(len(dataset["rewards"]), obs_dim, action_dim, device)
+    offline_buffer.add(label_transitions(dataset, args))
+    online_buffer = ReplayBuffer(args.buffer_size, obs_dim, action_dim, device)
+    n_offline = int(args.batch_size * args.mixing_ratio)
+
+    agent = Agent(obs_dim, action_dim, args).to(device)
+    optimizer = agent.make_optimizer(args)
+    global_step, eval_regrets, train_regrets = 0, [], []
+
+    def policy(obs):
+        with torch.no_grad():
+            return agent.actor.act(torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0))[0].cpu().numpy()
+
+    def run_evaluation(env_steps: int | None = None) -> dict:
+        """Evaluate, log at the current gradient step; online (env_steps given) also the running regret."""
+        result = evaluate(eval_env, policy, args.eval_episodes, args.seed + 1_000_000, task.ref_min_score, task.ref_max_score)
+        if env_steps is not None:  # the paper's regret: mean over online evaluations of 1 - normalized score
+            eval_regrets.append(1 - result["normalized_score"])
+            result.update(regret=float(np.mean(eval_regrets)), env_steps=env_steps)
+        for k, v in result.items():
+            writer.add_scalar(f"eval/{k}", v, global_step)
+        return result
+
+    def log_metrics(metrics: dict, start_time: float, steps_done: int):
+        values = dict(zip(metrics, torch.stack(list(metrics.values())).tolist()))  # the one host sync
+        for name, value in values.items():
+            if not math.isfinite(value):
+                raise SystemExit(f"error: {name} became {value} by gradient step {global_step}; lower the learning rates or check the data's rewards")
+            group = "calibration" if name in ("bound_rate", "q_minus_mc") else "losses"
+            writer.add_scalar(f"{group}/{name}", value, global_step)
+        writer.add_scalar("charts/SPS", int(steps_done / (time.time() - start_time)), global_step)
+
+    # ---------------- offline pre-training ----------------
+    if args.pretrained_checkpoint:
+        global_step = load_checkpoint(args.pretrained_checkpoint, agent, optimizer)
+        print(f"fine-tuning {args.pretrained_checkpoint} (pre-trained for {global_step} gradient steps)")
+    else:
+        progress = tqdm(total=args.offline_steps, desc="offline", unit="step", mininterval=2)
+        progress.set_postfix(success=run_evaluation()["success_rate"])
+        start_time = time.time()
+        for global_step in range(1, args.offline_steps + 1):
+            batch = offline_buffer.sample(args.batch_size)
+            metrics = update(agent, optimizer, batch, draw_noise(args.batch_size, args.cql_n_actions, action_dim, device), args)
+            if global_step % args.log_every == 0:
+                log_metrics(metrics, start_time, global_step)
+            if global_step % args.offline_eval_every == 0 or global_step == args.offline_steps:
+                progress.set_postfix(success=run_evaluation()["success_rate"])
+            progress.update()
+        progress.close()
+        if args.save_model:
+            save_checkpoint(f"runs/{run_name}/pretrained.pt", agent, optimizer, global_step, args)
+
+    # ---------------- online fine-tuning ----------------
+    progress = tqdm(total=args.online_env_steps, desc="online", unit="env step", mininterval=2)
+    env.reset(seed=args.seed)
+    env_steps, updates_done, start_time = 0, 0, time.time()
+    while env_steps < args.online_env_steps:
+        episode, stats = collect_episode(env, agent.actor, device)
+        online_buffer.add(label_transitions(episode, args))  # labelled with its own MC returns once it has ended
+        previous, env_steps = env_steps, env_steps + stats["length"]
+        train_regrets.append(1 - float(stats["success"]))
+        for name, value in (("return", stats["return"]), ("length", stats["length"]), ("success", float(stats["success"]))):
+            writer.add_scalar(f"charts/episodic_{name}", value, global_step)
+        writer.add_scalar("charts/train_regret", float(np.mean(train_regrets)), global_step)
+        writer.add_scalar("charts/env_steps", env_steps, global_step)
+
+        for _ in range(stats["length"] * args.utd_ratio):
+            global_step, updates_done = global_step + 1, updates_done + 1
+            offline_batch, online_batch = offline_buffer.sample(n_offline), online_buffer.sample(args.batch_size - n_offline)
+            batch = {k: torch.cat([offline_batch[k], online_batch[k]]) for k in offline_batch}
+            metrics = update(agent, optimizer, batch, draw_noise(args.batch_size, args.cql_n_actions, action_dim, device), args)
+            if global_step % args.log_every == 0:
+                log_metrics(metrics, start_time, updates_done)
+
+        if env_steps // args.online_eval_every > previous // args.online_eval_every or env_steps >= args.online_env_steps:
+            result = run_evaluation(env_steps)
+            progress.set_postfix(success=result["success_rate"], regret=round(result["regret"], 3))
+        progress.update(stats["length"])
+    progress.close()
+
+    if args.save_model:
+        save_checkpoint(f"runs/{run_name}/final.pt", agent, optimizer, global_step, args)
+    env.close()
+    eval_env.close()
+    writer.close()

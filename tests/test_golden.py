@@ -1,0 +1,125 @@
+"""Our losses equal the official implementation's (nakamotoo/Cal-QL @ ac6eafe, JAX), number for number.
+
+`../shared/golden/` holds, per configuration, the official initial parameters, a batch with its MC returns, the
+exact random draws of one update and the official step-1 metrics (see its README). The official step evaluates
+the loss once per parameter group with fresh draws: policy (pass 1), qf1 (pass 2), qf2 (pass 3), ...; every
+metric except the gradient norms comes from the last pass.
+"""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cal_ql_continuous
+import cql_continuous
+
+GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
+CONFIGS = {"antmaze_calql": cal_ql_continuous, "antmaze_cql": cql_continuous, "adroit_calql": cal_ql_continuous}
+LOSSES = {  # official metric -> (our loss, critic index or None)
+    "cql/qf1_bellman_loss": ("td_loss", 0),
+    "cql/qf2_bellman_loss": ("td_loss", 1),
+    "cql/cql_qf1_diff": ("cql_diff", 0),
+    "cql/cql_qf2_diff": ("cql_diff", 1),
+    "cql/cql_min_qf1_loss": ("cql_loss", 0),
+    "cql/cql_min_qf2_loss": ("cql_loss", 1),
+    "qf1_loss": ("qf_loss", 0),
+    "qf2_loss": ("qf_loss", 1),
+    "policy_loss": ("actor_loss", None),
+    "alpha_loss": ("alpha_loss", None),
+    "cql/alpha_prime_loss": ("alpha_prime_loss", None),
+}
+
+
+def load_golden(name):
+    if not GOLDEN.is_dir():
+        pytest.skip(f"golden data not found at {GOLDEN}")
+    folder = GOLDEN / name
+    expected = json.loads((folder / "expected.json").read_text())
+    arrays = {f: dict(np.load(folder / f"{f}.npz")) for f in ("batch", "noise", "params")}
+    return expected, arrays
+
+
+def build_agent(script, config, params):
+    """The script's Agent with the recorded shapes and the official initial parameters."""
+    args = replace(
+        script.Args(),
+        policy_hidden=[int(h) for h in config["policy_arch"].split("-")],
+        q_hidden=[int(h) for h in config["qf_arch"].split("-")],
+        gamma=config["discount"],
+        cql_n_actions=config["cql_n_actions"],
+        cql_weight=config["cql_min_q_weight"],
+        cql_importance_sample=config["cql_importance_sample"],
+        cql_temp=config["cql_temp"],
+        cql_lagrange=config["cql_lagrange"],
+        cql_target_action_gap=config["cql_target_action_gap"],
+    )
+    agent = script.Agent(config["obs_dim"], config["act_dim"], args)
+    t = {k: torch.as_tensor(v) for k, v in params.items()}
+    with torch.no_grad():
+        for i, layer in enumerate(agent.actor.layers):
+            layer.weight.copy_(t[f"policy.layers.{i}.weight"])
+            layer.bias.copy_(t[f"policy.layers.{i}.bias"])
+        agent.actor.log_std_multiplier.copy_(t["policy.log_std_multiplier"])
+        agent.actor.log_std_offset.copy_(t["policy.log_std_offset"])
+        for critics in (agent.qf, agent.qf_target):  # the targets equal the critics at step 1
+            for i, (w, b) in enumerate(zip(critics.weights, critics.biases)):
+                for k in range(2):
+                    w[k].copy_(t[f"qf{k + 1}.layers.{i}.weight"].T)
+                    b[k, 0].copy_(t[f"qf{k + 1}.layers.{i}.bias"])
+        agent.log_alpha.copy_(t["log_alpha"])
+        if "log_alpha_prime" in t:
+            agent.log_alpha_prime.copy_(t["log_alpha_prime"])
+    return agent, args
+
+
+def losses_of_pass(script, agent, args, arrays, prefix):
+    b = {k: torch.as_tensor(v) for k, v in arrays["batch"].items()}
+    batch = {"obs": b["observations"], "actions": b["actions"], "rewards": b["rewards"],
+             "next_obs": b["next_observations"], "terminals": b["dones"], "mc_returns": b["mc_returns"]}
+    noise = {k: torch.as_tensor(arrays["noise"][prefix + k]) for k in ("new_actions_eps", "backup_eps", "current_eps", "next_eps", "random_actions")}
+    return script.cal_ql_losses(agent, batch, noise, args)
+
+
+def grad_norm(loss, params, critic=None):
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    grads = [g if critic is None else g[critic] for g in grads if g is not None]
+    return torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_step1_losses_and_gradients_equal_the_official_implementation(name):
+    expected, arrays = load_golden(name)
+    metrics, script = expected["metrics"], CONFIGS[name]
+    agent, args = build_agent(script, expected["config"], arrays["params"])
+    last = losses_of_pass(script, agent, args, arrays, prefix="")
+    for official, (ours, critic) in LOSSES.items():
+        value = last[ours] if critic is None else last[ours][critic]
+        assert value.item() == pytest.approx(metrics.get(official, 0.0), rel=1e-5, abs=1e-6), official
+    assert last["alpha_prime"].item() == pytest.approx(metrics["cql/alpha_prime"], rel=1e-5)
+
+    # each group's gradient norm from its own pass's draws (these see what step-1 losses barely do)
+    policy = losses_of_pass(script, agent, args, arrays, prefix="pass1_")
+    assert grad_norm(policy["actor_loss"], list(agent.actor.parameters())) == pytest.approx(metrics["policy_loss_gradient"], rel=1e-5)
+    for k in range(2):
+        critic = losses_of_pass(script, agent, args, arrays, prefix=f"pass{k + 2}_")
+        norm = grad_norm(critic["qf_loss"][k], list(agent.qf.parameters()), critic=k)
+        assert norm == pytest.approx(metrics[f"qf{k + 1}_loss_gradient"], rel=1e-5), f"qf{k + 1}"
+
+
+def test_calibration_changes_losses_exactly_where_the_bound_binds():
+    """Same parameters, batch and draws: Cal-QL and CQL differ only in policy-action entries with Q < mc_return."""
+    expected, arrays = load_golden("antmaze_calql")
+    agent, args = build_agent(cal_ql_continuous, expected["config"], arrays["params"])
+    calibrated = losses_of_pass(cal_ql_continuous, agent, args, arrays, prefix="")
+    plain = losses_of_pass(cql_continuous, agent, args, arrays, prefix="")
+    assert calibrated["bound_rate"].item() == pytest.approx(expected["metrics"]["cql/bound_rate_cql_q1_current_actions"])
+    assert 0.1 < calibrated["bound_rate"].item() < 0.9  # the golden batch makes the bound bind on a fair fraction
+    for key in ("td_loss", "actor_loss", "alpha_loss"):  # untouched by the calibration
+        torch.testing.assert_close(calibrated[key], plain[key], rtol=0, atol=0)
+    assert torch.all(calibrated["cql_diff"] > plain["cql_diff"])  # raising Q-values only raises the logsumexp
+    cql_golden, _ = load_golden("antmaze_cql")
+    assert plain["qf_loss"][0].item() == pytest.approx(cql_golden["metrics"]["qf1_loss"], rel=1e-5)

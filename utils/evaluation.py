@@ -1,0 +1,45 @@
+"""Deterministic-policy evaluation."""
+
+from collections.abc import Callable
+
+import gymnasium as gym
+import numpy as np
+
+
+def normalized_score(episode_return: float, ref_min: float | None, ref_max: float | None) -> float:
+    """D4RL's normalization: 0 for the reference failing policy, 1 for the reference successful one (NaN if unknown)."""
+    if ref_min is None or ref_max is None:
+        return float("nan")
+    return (episode_return - ref_min) / (ref_max - ref_min)
+
+
+def evaluate(
+    env: gym.Env,
+    policy: Callable[[np.ndarray], np.ndarray],
+    n_episodes: int,
+    seed: int,
+    ref_min: float | None = None,
+    ref_max: float | None = None,
+) -> dict[str, float]:
+    """Mean return, episode length, success rate (success at any step, from `info["success"]`) and normalized
+    score of `policy` over `n_episodes` episodes. Episode i is reset with `seed + i`, so every evaluation of a run
+    sees the same starts and goals and successive evaluations are comparable."""
+    returns, lengths, successes = [], [], []
+    for i in range(n_episodes):
+        obs, _ = env.reset(seed=seed + i)
+        episode_return, length, success, done = 0.0, 0, False, False
+        while not done:
+            obs, reward, terminated, truncated, info = env.step(policy(obs))
+            episode_return, length = episode_return + float(reward), length + 1
+            success |= bool(info.get("success", False))
+            done = terminated or truncated
+        returns.append(episode_return)
+        lengths.append(length)
+        successes.append(success)
+    mean_return = float(np.mean(returns))
+    return {
+        "return": mean_return,
+        "length": float(np.mean(lengths)),
+        "success_rate": float(np.mean(successes)),
+        "normalized_score": normalized_score(mean_return, ref_min, ref_max),
+    }
