@@ -23,7 +23,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from utils.datasets import DatasetError, check_dataset_fits_env, get_task, load_dataset, make_env
+from utils.datasets import TASKS, DatasetError, check_dataset_fits_env, get_task, load_dataset, make_env
 from utils.evaluation import evaluate
 
 
@@ -142,7 +142,7 @@ def parse_args() -> Args:
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--env-id", default=Args.env_id)
     env_id = pre.parse_known_args()[0].env_id
-    family = get_task(env_id, "?", "?").family
+    family = TASKS[env_id].family if env_id in TASKS else "custom"
     return tyro.cli(Args, default=replace(Args(), env_id=env_id, **PRESETS[family]))
 
 
@@ -469,48 +469,46 @@ if __name__ == "__main__":
         global_step = load_checkpoint(args.pretrained_checkpoint, agent, optimizer)
         print(f"fine-tuning {args.pretrained_checkpoint} (pre-trained for {global_step} gradient steps)")
     else:
-        progress = tqdm(total=args.offline_steps, desc="offline", unit="step", mininterval=2)
-        progress.set_postfix(success=run_evaluation()["success_rate"])
-        start_time = time.time()
-        for global_step in range(1, args.offline_steps + 1):
-            batch = offline_buffer.sample(args.batch_size)
-            metrics = update(agent, optimizer, batch, draw_noise(args.batch_size, args.cql_n_actions, action_dim, device), args)
-            if global_step % args.log_every == 0:
-                log_metrics(metrics, start_time, global_step)
-            if global_step % args.offline_eval_every == 0 or global_step == args.offline_steps:
-                progress.set_postfix(success=run_evaluation()["success_rate"])
-            progress.update()
-        progress.close()
+        with tqdm(total=args.offline_steps, desc="offline", unit="step", mininterval=2) as progress:
+            progress.set_postfix(success=run_evaluation()["success_rate"])
+            start_time = time.time()
+            for global_step in range(1, args.offline_steps + 1):
+                batch = offline_buffer.sample(args.batch_size)
+                metrics = update(agent, optimizer, batch, draw_noise(args.batch_size, args.cql_n_actions, action_dim, device), args)
+                if global_step % args.log_every == 0:
+                    log_metrics(metrics, start_time, global_step)
+                if global_step % args.offline_eval_every == 0 or global_step == args.offline_steps:
+                    progress.set_postfix(success=run_evaluation()["success_rate"])
+                progress.update()
         if args.save_model:
             save_checkpoint(f"runs/{run_name}/pretrained.pt", agent, optimizer, global_step, args)
 
     # ---------------- online fine-tuning ----------------
-    progress = tqdm(total=args.online_env_steps, desc="online", unit="env step", mininterval=2)
-    env.reset(seed=args.seed)
-    env_steps, updates_done, start_time = 0, 0, time.time()
-    while env_steps < args.online_env_steps:
-        episode, stats = collect_episode(env, agent.actor, device)
-        online_buffer.add(label_transitions(episode, args))  # labelled with its own MC returns once it has ended
-        previous, env_steps = env_steps, env_steps + stats["length"]
-        train_regrets.append(1 - float(stats["success"]))
-        for name, value in (("return", stats["return"]), ("length", stats["length"]), ("success", float(stats["success"]))):
-            writer.add_scalar(f"charts/episodic_{name}", value, global_step)
-        writer.add_scalar("charts/train_regret", float(np.mean(train_regrets)), global_step)
-        writer.add_scalar("charts/env_steps", env_steps, global_step)
+    with tqdm(total=args.online_env_steps, desc="online", unit="env step", mininterval=2) as progress:
+        env.reset(seed=args.seed)
+        env_steps, updates_done, start_time = 0, 0, time.time()
+        while env_steps < args.online_env_steps:
+            episode, stats = collect_episode(env, agent.actor, device)
+            online_buffer.add(label_transitions(episode, args))  # labelled with its own MC returns once it has ended
+            previous, env_steps = env_steps, env_steps + stats["length"]
+            train_regrets.append(1 - float(stats["success"]))
+            for name, value in (("return", stats["return"]), ("length", stats["length"]), ("success", float(stats["success"]))):
+                writer.add_scalar(f"charts/episodic_{name}", value, global_step)
+            writer.add_scalar("charts/train_regret", float(np.mean(train_regrets)), global_step)
+            writer.add_scalar("charts/env_steps", env_steps, global_step)
 
-        for _ in range(stats["length"] * args.utd_ratio):
-            global_step, updates_done = global_step + 1, updates_done + 1
-            offline_batch, online_batch = offline_buffer.sample(n_offline), online_buffer.sample(args.batch_size - n_offline)
-            batch = {k: torch.cat([offline_batch[k], online_batch[k]]) for k in offline_batch}
-            metrics = update(agent, optimizer, batch, draw_noise(args.batch_size, args.cql_n_actions, action_dim, device), args)
-            if global_step % args.log_every == 0:
-                log_metrics(metrics, start_time, updates_done)
+            for _ in range(stats["length"] * args.utd_ratio):
+                global_step, updates_done = global_step + 1, updates_done + 1
+                offline_batch, online_batch = offline_buffer.sample(n_offline), online_buffer.sample(args.batch_size - n_offline)
+                batch = {k: torch.cat([offline_batch[k], online_batch[k]]) for k in offline_batch}
+                metrics = update(agent, optimizer, batch, draw_noise(args.batch_size, args.cql_n_actions, action_dim, device), args)
+                if global_step % args.log_every == 0:
+                    log_metrics(metrics, start_time, updates_done)
 
-        if env_steps // args.online_eval_every > previous // args.online_eval_every or env_steps >= args.online_env_steps:
-            result = run_evaluation(env_steps)
-            progress.set_postfix(success=result["success_rate"], regret=round(result["regret"], 3))
-        progress.update(stats["length"])
-    progress.close()
+            if env_steps // args.online_eval_every > previous // args.online_eval_every or env_steps >= args.online_env_steps:
+                result = run_evaluation(env_steps)
+                progress.set_postfix(success=result["success_rate"], regret=round(result["regret"], 3))
+            progress.update(stats["length"])
 
     if args.save_model:
         save_checkpoint(f"runs/{run_name}/final.pt", agent, optimizer, global_step, args)

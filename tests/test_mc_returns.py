@@ -1,0 +1,81 @@
+"""Monte-Carlo return labelling (spec §4): the function Cal-QL's bound rests on."""
+
+import numpy as np
+import pytest
+
+from cal_ql_continuous import calc_mc_returns
+
+GAMMA = 0.99
+
+
+def reference_mc_returns(rewards, terminals, episode_ends, gamma, failure_reward=None):
+    """Straightforward per-trajectory loop, for comparison."""
+    out, start = np.zeros(len(rewards)), 0
+    for end in np.flatnonzero(episode_ends):
+        r, d = rewards[start : end + 1], terminals[start : end + 1]
+        if failure_reward is not None and np.all(r == failure_reward):
+            out[start : end + 1] = failure_reward / (1 - gamma)
+        else:
+            g = 0.0
+            for t in reversed(range(len(r))):
+                g = r[t] + gamma * (1 - d[t]) * g
+                out[start + t] = g
+        start = end + 1
+    return out
+
+
+def one_trajectory(rewards, terminals):
+    ends = np.zeros(len(rewards), bool)
+    ends[-1] = True
+    return np.asarray(rewards, np.float32), np.asarray(terminals, bool), ends
+
+
+@pytest.mark.parametrize(
+    "rewards, terminals, expected",
+    [
+        ([-5, -5, 5], [0, 0, 1], [-5.0495, -0.05, 5.0]),
+        ([-5, 5, -5, 5], [0, 1, 0, 1], [-0.05, 5.0, -0.05, 5.0]),  # adroit: every success step is terminal
+        ([-5, -5, -5], [0, 0, 1], [-500.0, -500.0, -500.0]),  # never succeeded: failing forever
+        ([-5, -5, -5, 5], [0, 0, 0, 0], [-9.9990, -5.0495, -0.05, 5.0]),  # timeout: nothing bootstrapped
+    ],
+)
+def test_spec_test_vectors(rewards, terminals, expected):
+    returns = calc_mc_returns(*one_trajectory(rewards, terminals), GAMMA, failure_reward=-5.0)
+    np.testing.assert_allclose(returns, expected, atol=1e-4)
+
+
+def test_terminal_in_mid_trajectory_cuts_the_sum():
+    returns = calc_mc_returns(*one_trajectory([1, 2, 3, 4], [0, 1, 0, 0]), GAMMA)
+    np.testing.assert_allclose(returns, [1 + GAMMA * 2, 2, 3 + GAMMA * 4, 4], rtol=1e-6)
+
+
+def test_trajectories_in_one_flat_array_do_not_leak_into_each_other():
+    rewards = np.array([1, 1, 10, 10], np.float32)
+    returns = calc_mc_returns(rewards, np.zeros(4, bool), np.array([0, 1, 0, 1], bool), GAMMA)
+    np.testing.assert_allclose(returns, [1 + GAMMA, 1, 10 + 10 * GAMMA, 10], rtol=1e-6)
+
+
+def test_failed_trajectory_gets_infinite_horizon_value_and_successful_neighbour_does_not():
+    rewards = np.array([-5, -5, -5, 5], np.float32)
+    returns = calc_mc_returns(rewards, np.array([0, 0, 0, 1], bool), np.array([0, 1, 0, 1], bool), GAMMA, failure_reward=-5.0)
+    np.testing.assert_allclose(returns, [-500, -500, -5 + GAMMA * 5, 5], rtol=1e-6)
+
+
+def test_dense_rewards_ignore_the_failure_rule():
+    returns = calc_mc_returns(*one_trajectory([-5, -5], [0, 0]), GAMMA, failure_reward=None)
+    np.testing.assert_allclose(returns, [-5 - 5 * GAMMA, -5], rtol=1e-6)
+
+
+def test_output_is_float32_and_agrees_with_a_per_trajectory_loop():
+    rng = np.random.default_rng(0)
+    n = 5_000
+    rewards = rng.choice([-5.0, 5.0], n, p=[0.9, 0.1]).astype(np.float32)
+    rewards[1000:1300] = -5.0  # a guaranteed failed stretch
+    terminals, ends = rng.random(n) < 0.05, rng.random(n) < 0.01
+    ends[[999, 1299, n - 1]] = True
+    terminals[1000:1300] = False
+    returns = calc_mc_returns(rewards, terminals, ends, GAMMA, failure_reward=-5.0)
+    assert returns.dtype == np.float32 and returns.shape == (n,)
+    np.testing.assert_allclose(returns, reference_mc_returns(rewards, terminals, ends, GAMMA, -5.0), rtol=1e-5, atol=1e-4)
+    assert np.all(returns[1000:1300] == -500.0)
+

@@ -1,0 +1,82 @@
+"""End-to-end runs of both continuous scripts with tiny networks: offline updates, online episodes with
+updates, evaluations, TensorBoard logs and checkpoints; plus the twin-sync check and bad-input errors."""
+
+import difflib
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import REPO, TINY
+
+SHORT = ["--offline-steps", "20", "--offline-eval-every", "10", "--online-env-steps", "400", "--online-eval-every", "200", "--eval-episodes", "2"]
+EXPECTED_KEYS = {
+    "losses/qf_loss", "losses/td_loss", "losses/cql_loss", "losses/actor_loss", "losses/alpha", "losses/alpha_prime",
+    "calibration/bound_rate", "calibration/q_minus_mc", "charts/SPS", "charts/episodic_return", "charts/episodic_success",
+    "charts/train_regret", "eval/return", "eval/success_rate", "eval/normalized_score", "eval/regret",
+}
+
+
+def scalars(run_dir: Path) -> dict:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("script", ["cal_ql_continuous.py", "cql_continuous.py"])
+def test_offline_then_online_run_logs_evaluates_and_checkpoints(script, run_script, pointmaze_data_dir, tmp_path):
+    run_script(script, "--dataset-dir", pointmaze_data_dir, *TINY, *SHORT)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    logged = scalars(run_dir)
+    assert EXPECTED_KEYS <= set(logged), EXPECTED_KEYS - set(logged)
+    assert logged["eval/return"][:3] == [0, 10, 20]  # before training, then every 10 offline steps
+    assert max(logged["losses/qf_loss"]) > 20  # online gradient steps ran after the 20 offline ones
+    assert len(logged["eval/regret"]) >= 2
+    assert (run_dir / "pretrained.pt").exists() and (run_dir / "final.pt").exists()
+
+    # fine-tune from the saved pre-training: no offline phase, online updates continue its step count
+    proc = run_script(script, "--dataset-dir", pointmaze_data_dir, *TINY, *SHORT, "--pretrained-checkpoint", str(run_dir / "pretrained.pt"), "--exp-name", "finetune")
+    assert "pre-trained for 20 gradient steps" in proc.stdout
+    (finetune_dir,) = (tmp_path / "runs").glob("*finetune*")
+    logged = scalars(finetune_dir)
+    assert min(logged["losses/qf_loss"]) > 20 and min(logged["eval/return"]) > 20
+
+
+def test_checkpoint_of_other_network_sizes_is_refused(run_script, pointmaze_data_dir, tmp_path):
+    run_script("cal_ql_continuous.py", "--dataset-dir", pointmaze_data_dir, *TINY, "--offline-steps", "1", "--online-env-steps", "0", "--eval-episodes", "1")
+    (checkpoint,) = (tmp_path / "runs").glob("*/pretrained.pt")
+    flags = [*TINY, "--q-hidden", "8", "--online-env-steps", "0", "--pretrained-checkpoint", str(checkpoint)]
+    proc = run_script("cal_ql_continuous.py", "--dataset-dir", pointmaze_data_dir, *flags, check=False)
+    assert proc.returncode != 0 and "does not fit this run" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--env-id", "NoSuchEnv-v0"], "error: unknown --env-id 'NoSuchEnv-v0': use one of"),
+        (["--env-id", "Hopper-v5"], "--dataset-path FILE.hdf5"),
+        (["--dataset-path", "missing.hdf5"], "error: dataset file missing.hdf5 not found"),
+        (["--reward-scale", "1e39", "--offline-steps", "10"], "error: qf_loss became nan by gradient step 5"),
+    ],
+)
+def test_bad_input_stops_with_one_clear_line(flags, message, run_script, pointmaze_data_dir):
+    proc = run_script("cal_ql_continuous.py", "--dataset-dir", pointmaze_data_dir, *TINY, "--eval-episodes", "1", *flags, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr.strip().splitlines()[-1]
+
+
+def test_help_documents_every_flag_with_the_task_preset(run_script):
+    out = run_script("cal_ql_continuous.py", "--help").stdout
+    assert "--mixing-ratio" in out and "fraction of every online-phase batch" in out
+    assert "--q-hidden" in out and "128 128" in out  # the embedded task's preset is the default shown
+
+
+def test_cql_twin_differs_from_cal_ql_only_in_the_calibration_line():
+    cal = (REPO / "cal_ql_continuous.py").read_text().splitlines()
+    cql = (REPO / "cql_continuous.py").read_text().splitlines()
+    diff = [line for line in difflib.unified_diff(cql, cal, lineterm="", n=0) if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    only_cal = [line[1:] for line in diff if line.startswith("+")]
+    only_cql = [line[1:] for line in diff if line.startswith("-")]
+    assert only_cql == ['"""CQL for continuous actions: offline pre-training, then online fine-tuning, in one file (Cal-QL without calibration).']
+    assert len(only_cal) == 2 and only_cal[0].startswith('"""Cal-QL')
+    assert "torch.maximum(q_cur, mc_returns)" in only_cal[1] and "# Cal-QL:" in only_cal[1]
