@@ -1,4 +1,4 @@
-"""Cal-QL on Atari from pixels: discrete CQL(H) with the Cal-QL calibration, offline pre-training then online fine-tuning.
+"""Cal-QL on Atari from pixels: discrete CQL(H) plus the Cal-QL calibration; offline pre-training, online fine-tuning.
 
 Paper: Nakamoto et al., "Cal-QL: Calibrated Offline RL Pre-Training for Efficient Online Fine-Tuning" (NeurIPS 2023).
 The official code has no Atari version; the discrete form used here is this project's own (calql-spec.md §9):
@@ -90,13 +90,13 @@ class Args:
     """the batch size of each gradient step"""
 
     # offline
-    offline_updates: int = 12_000
+    offline_updates: int = 10_000
     """gradient steps of offline pre-training"""
-    offline_eval_every: int = 3_000
+    offline_eval_every: int = 2_500
     """gradient steps between evaluations during pre-training"""
 
     # online
-    online_steps: int = 6_144
+    online_steps: int = 4_096
     """environment steps of online fine-tuning (Freeway episodes are 2048 steps)"""
     utd: float = 1.0
     """gradient steps per environment step, done after each episode once it is labelled"""
@@ -149,12 +149,14 @@ def read_npy_gz(path: Path, max_rows: int | None = None) -> np.ndarray:
         sys.exit(f"error: missing {path}; {REPLAY_LAYOUT}")
     try:
         with gzip.open(path) as f:
-            version = np.lib.format.read_magic(f)
-            shape, fortran, dtype = np.lib.format._read_array_header(f, version)
+            fmt = np.lib.format
+            read_header = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
             rows = shape[0] if max_rows is None else min(max_rows, shape[0])
             count = rows * int(np.prod(shape[1:]))
             array = np.frombuffer(f.read(count * dtype.itemsize), dtype)
-        assert not fortran and array.size == count, "truncated or Fortran-ordered array"
+        if fortran or array.size != count:
+            raise ValueError("Fortran-ordered" if fortran else f"only {array.size} of {count} values")
         return array.reshape((rows, *shape[1:]))
     except Exception as e:  # bad gzip, bad header, short file: all mean the same for the user
         sys.exit(f"error: cannot read {path} ({type(e).__name__}: {e}); {REPLAY_LAYOUT}")
@@ -173,28 +175,23 @@ def load_replay_logs(replay_dir, checkpoints, transitions_per_checkpoint=None) -
         if count_file.exists():
             add_count = int(np.load(gzip.open(count_file)))
             rows = min(rows, add_count)  # a buffer that never filled up: the rest is empty
-            episode_ends[(add_count % n) - 1] = add_count > n  # the newest step is followed by the oldest one
+            if add_count > n:  # a full circular buffer: its newest step is followed by its oldest one
+                episode_ends[add_count % n - 1] = True
         episode_ends[rows - 1] = True
-        obs = read_npy_gz(file["observation"], rows)
-        for k, v in {**small, "observation": obs}.items():
-            if len(v) < rows or (k == "observation" and (v.shape[1:] != (84, 84) or v.dtype != np.uint8)) or (
-                k != "observation" and v.ndim != 1
-            ):
+        arrays = {"observation": read_npy_gz(file["observation"], rows), **small}
+        for k, v in arrays.items():
+            frame_shape, frame_dtype = ((84, 84), np.uint8) if k == "observation" else ((), v.dtype)
+            if v.shape[1:] != frame_shape or v.dtype != frame_dtype or len(v) < rows:
                 sys.exit(f"error: {file[k]} has shape {v.shape} and dtype {v.dtype}; {REPLAY_LAYOUT}")
-        chunks.append((obs, small["action"][:rows], small["reward"][:rows], small["terminal"][:rows], episode_ends[:rows]))
-    frames, actions, rewards, terminals, episode_ends = (np.concatenate(parts) for parts in zip(*chunks))
+        chunks.append([v[:rows] for v in arrays.values()] + [episode_ends[:rows]])
+    # a single checkpoint is used as read: no second copy of the frames
+    frames, actions, rewards, terminals, ends = (np.concatenate(c) if len(c) > 1 else c[0] for c in zip(*chunks))
+    terminals, ends = terminals.astype(bool), ends | terminals.astype(bool)
+    returns = np.add.reduceat(rewards, np.flatnonzero(np.r_[True, ends[:-1]]))[terminals[ends]]  # finished episodes
+    print(f"offline data: {len(actions)} transitions, {len(returns)} finished episodes, mean return "
+          f"{returns.mean() if len(returns) else float('nan'):.1f}")
     return dict(frames=frames, actions=actions.astype(np.int64), rewards=rewards.astype(np.float32),
-                terminals=terminals.astype(bool), episode_ends=episode_ends | terminals.astype(bool))
-
-
-def save_replay_logs(replay_dir: Path, ckpt: int, frames, actions, rewards, terminals):
-    """Write one checkpoint in the DQN Replay layout (np.save through gzip)."""
-    replay_dir.mkdir(parents=True, exist_ok=True)
-    arrays = dict(observation=frames.astype(np.uint8), action=actions.astype(np.int32),
-                  reward=rewards.astype(np.float32), terminal=terminals.astype(np.uint8))
-    for name, array in arrays.items():
-        with gzip.open(replay_dir / f"$store$_{name}_ckpt.{ckpt}.gz", "wb", compresslevel=1) as f:
-            np.save(f, array, allow_pickle=False)
+                terminals=terminals, episode_ends=ends)
 
 
 class FrameStore:
@@ -254,16 +251,18 @@ class FrameStore:
 
 
 def make_env(env_id, seed, max_episode_steps=None):
-    if env_id not in gym.registry:
-        sys.exit(f"error: unknown env id {env_id!r}; use an ALE id such as ALE/Pong-v5 (see gym.registry)")
-    env = gym.make(env_id, frameskip=1, repeat_action_probability=0.25, max_episode_steps=max_episode_steps)
+    if env_id not in gym.registry or "ale_py" not in str(gym.registry[env_id].entry_point):
+        sys.exit(f"error: unknown Atari env id {env_id!r}; use an ALE id such as ALE/Pong-v5")
+    env = gym.make(env_id, frameskip=1, repeat_action_probability=0.25)
     env = gym.wrappers.AtariPreprocessing(env, noop_max=0, frame_skip=4, screen_size=84, grayscale_obs=True)
+    if max_episode_steps is not None:
+        env = gym.wrappers.TimeLimit(env, max_episode_steps)  # after the frame skip: counts agent steps
     env.reset(seed=seed)  # seeds the emulator; later resets continue its random stream
     return env
 
 
 def run_episode(env, policy, epsilon, rng) -> dict:
-    """Play one episode epsilon-greedily around policy(stack); returns frames, actions, raw rewards, terminals."""
+    """Play one episode epsilon-greedily around policy(stack); returns its transitions with raw rewards."""
     frame, _ = env.reset()
     stack = np.zeros((FRAME_STACK, 84, 84), np.uint8)  # zeros before the first frame, as in the FrameStore
     frames, actions, rewards, terminals = [], [], [], []
@@ -277,16 +276,14 @@ def run_episode(env, policy, epsilon, rng) -> dict:
         terminals.append(terminated)
         if terminated or truncated:
             return dict(frames=np.stack(frames), actions=np.array(actions), rewards=np.array(rewards, np.float32),
-                        terminals=np.array(terminals))
+                        terminals=np.array(terminals), episode_ends=np.arange(len(actions)) == len(actions) - 1)
 
 
-def label_episode(episode, gamma) -> dict:
-    """Clip rewards to [-1, 1] (what is learned from) and add the MC returns; Atari has no failure rule."""
-    rewards = np.clip(episode["rewards"], -1, 1)
-    episode_ends = np.zeros(len(rewards), bool)
-    episode_ends[-1] = True
-    mc_returns = calc_mc_returns(rewards, episode["terminals"], episode_ends, gamma)
-    return {**episode, "rewards": rewards, "episode_ends": episode_ends, "mc_returns": mc_returns}
+def label(transitions, gamma) -> dict:
+    """Clip rewards to [-1, 1] (the learning signal, as in DQN) and add their MC returns; no failure rule on Atari."""
+    rewards = np.clip(transitions["rewards"], -1, 1)
+    mc_returns = calc_mc_returns(rewards, transitions["terminals"], transitions["episode_ends"], gamma)
+    return {**transitions, "rewards": rewards, "mc_returns": mc_returns}
 
 
 def builtin_replay_dir(args) -> Path:
@@ -305,11 +302,15 @@ def builtin_replay_dir(args) -> Path:
         while n < args.dataset_size:
             episodes.append(run_episode(env, lambda stack: up, args.dataset_epsilon, rng))
             n += len(episodes[-1]["actions"])
-            pbar.update(len(episodes[-1]["actions"]))
+            pbar.update(min(len(episodes[-1]["actions"]), args.dataset_size - pbar.n))
     env.close()
     tmp_dir = replay_dir.with_name("replay_logs.tmp")  # renamed when complete: an interrupted run leaves no cache
-    save_replay_logs(tmp_dir, 0, *(np.concatenate([e[k] for e in episodes])[: args.dataset_size]
-                                   for k in ("frames", "actions", "rewards", "terminals")))
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    layout = dict(observation=("frames", np.uint8), action=("actions", np.int32), reward=("rewards", np.float32),
+                  terminal=("terminals", np.uint8))
+    for name, (key, dtype) in layout.items():
+        with gzip.open(tmp_dir / f"$store$_{name}_ckpt.0.gz", "wb", compresslevel=1) as f:
+            np.save(f, np.concatenate([e[key] for e in episodes])[: args.dataset_size].astype(dtype))
     tmp_dir.rename(replay_dir)
     return replay_dir
 
@@ -328,6 +329,11 @@ class QNetwork(nn.Module):
 
     def forward(self, x):
         return self.network(x / 255.0)
+
+    @torch.no_grad()
+    def act(self, stack):
+        """Greedy action for one frame stack."""
+        return self(torch.as_tensor(stack, device=self.network[0].weight.device)[None]).argmax().item()
 
 
 def cql_loss(q, q_data, mc_returns, calibrate):
@@ -359,18 +365,10 @@ def to_torch(batch, device) -> dict:
     return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
 
 
-def q_policy(qf, device):
-    @torch.no_grad()
-    def policy(stack):
-        return qf(torch.as_tensor(stack, device=device)[None]).argmax().item()
-
-    return policy
-
-
-def evaluate(env, qf, args, rng, device) -> float:
+def evaluate(env, qf, args, rng) -> float:
     """Mean raw (unclipped) return over eval_episodes with an eval_epsilon-greedy policy."""
-    return float(np.mean([run_episode(env, q_policy(qf, device), args.eval_epsilon, rng)["rewards"].sum()
-                          for _ in range(args.eval_episodes)]))
+    returns = [run_episode(env, qf.act, args.eval_epsilon, rng)["rewards"].sum() for _ in range(args.eval_episodes)]
+    return float(np.mean(returns))
 
 
 def log_metrics(writer, metrics, global_step, start_time):
@@ -387,6 +385,15 @@ if __name__ == "__main__":
     assert 0 <= args.mixing_ratio <= 1, "--mixing-ratio must be in [0, 1]"
     env = make_env(args.env_id, args.seed, args.max_episode_steps)
     eval_env = make_env(args.env_id, args.seed + 1, args.max_episode_steps)
+    # offline data: clipped rewards, MC labels per trajectory, frames stored once (loaded before the run folder is
+    # created, so that a data error leaves no empty run behind)
+    data = load_replay_logs(args.replay_dir or builtin_replay_dir(args), args.checkpoints,
+                            args.transitions_per_checkpoint)
+    n_actions = env.action_space.n
+    if data["actions"].max() >= n_actions:
+        sys.exit(f"error: the dataset has action {data['actions'].max()} but {args.env_id} has {n_actions} actions")
+    offline_buffer, online_buffer = FrameStore(**label(data, args.gamma)), FrameStore.empty()
+
     run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     if args.track:
         import wandb
@@ -407,19 +414,6 @@ if __name__ == "__main__":
     rng = np.random.default_rng(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # offline data: clipped rewards, MC labels per trajectory, frames stored once
-    data = load_replay_logs(args.replay_dir or builtin_replay_dir(args), args.checkpoints,
-                            args.transitions_per_checkpoint)
-    n_actions = env.action_space.n
-    if data["actions"].max() >= n_actions:
-        sys.exit(f"error: the dataset has action {data['actions'].max()} but {args.env_id} has {n_actions} actions")
-    behaviour_returns = np.add.reduceat(data["rewards"], np.flatnonzero(np.r_[True, data["episode_ends"][:-1]]))
-    print(f"offline data: {len(data['actions'])} transitions, {data['terminals'].sum()} finished episodes, "
-          f"mean return of finished episodes {behaviour_returns[data['terminals'][data['episode_ends']]].mean():.1f}")
-    data["rewards"] = np.clip(data["rewards"], -1, 1)
-    data["mc_returns"] = calc_mc_returns(data["rewards"], data["terminals"], data["episode_ends"], args.gamma)
-    offline_buffer, online_buffer = FrameStore(**data), FrameStore.empty()
-
     qf = QNetwork(n_actions).to(device)
     qf_target = QNetwork(n_actions).to(device)
     qf_target.load_state_dict(qf.state_dict())
@@ -427,7 +421,7 @@ if __name__ == "__main__":
     global_step, env_steps, start_time = 0, 0, time.time()
 
     def report_eval(phase):
-        eval_return = evaluate(eval_env, qf, args, rng, device)
+        eval_return = evaluate(eval_env, qf, args, rng)
         writer.add_scalar("eval/return", eval_return, global_step)
         tqdm.write(f"eval ({phase}) at gradient step {global_step}, env step {env_steps}: return {eval_return:.1f}")
         return eval_return
@@ -456,9 +450,9 @@ if __name__ == "__main__":
     pbar = tqdm(total=args.online_steps, desc="online")
     while env_steps < args.online_steps:
         # ALGO LOGIC: one whole episode, labelled with its MC returns once it is over, then len * utd updates
-        episode = run_episode(env, q_policy(qf, device), args.online_epsilon, rng)
+        episode = run_episode(env, qf.act, args.online_epsilon, rng)
         writer.add_scalar("charts/episodic_return", episode["rewards"].sum(), global_step)
-        online_buffer.add(**label_episode(episode, args.gamma))
+        online_buffer.add(**label(episode, args.gamma))
         previous_env_steps, env_steps = env_steps, env_steps + len(episode["actions"])
         for _ in range(int(len(episode["actions"]) * args.utd)):
             offline_batch = offline_buffer.sample(n_offline, rng)

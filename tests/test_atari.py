@@ -1,0 +1,224 @@
+"""Tests of cal_ql_atari.py: MC labels, the DQN Replay loader, frame stacking, the Cal-QL loss, and a smoke run."""
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import cal_ql_atari as atari
+
+GAMMA = 0.99
+
+
+def numbered_replay(n, terminal_at=()):
+    """A replay checkpoint whose frame i is filled with i + 1 (0 is the padding value) and whose reward i is i."""
+    terminal = np.zeros(n, np.uint8)
+    terminal[list(terminal_at)] = 1
+    return dict(
+        observation=np.broadcast_to(np.arange(1, n + 1, dtype=np.uint8)[:, None, None], (n, 84, 84)).copy(),
+        action=(np.arange(n) % 3).astype(np.int32),
+        reward=np.arange(n, dtype=np.float32),
+        terminal=terminal,
+    )
+
+
+def frame_store(n, terminal_at=(), episode_end_at=()):
+    data = numbered_replay(n, terminal_at)
+    terminals = data["terminal"].astype(bool)
+    episode_ends = terminals.copy()
+    episode_ends[list(episode_end_at)] = True
+    return atari.FrameStore(frames=data["observation"], actions=data["action"].astype(np.int64), rewards=data["reward"],
+                            terminals=terminals, episode_ends=episode_ends, mc_returns=np.zeros(n, np.float32))
+
+
+def frame_ids(stacks):
+    """The number written in each stacked frame (frame i holds i + 1; 0 = padding)."""
+    return stacks[:, :, 0, 0].astype(int).tolist()
+
+
+# ---------------- Monte-Carlo labels ----------------
+
+
+@pytest.mark.parametrize(
+    "rewards, terminals, failure_reward, expected",
+    [
+        ([-5, -5, 5], [0, 0, 1], None, [-5.0495, -0.05, 5.0]),
+        ([-5, 5, -5, 5], [0, 1, 0, 1], None, [-0.05, 5.0, -0.05, 5.0]),
+        ([-5, -5, -5], [0, 0, 1], -5, [-500.0, -500.0, -500.0]),
+        ([-5, -5, -5, 5], [0, 0, 0, 0], None, [-9.9990, -5.0495, -0.05, 5.0]),
+    ],
+)
+def test_mc_returns_match_the_spec_vectors(rewards, terminals, failure_reward, expected):
+    episode_ends = np.zeros(len(rewards), bool)
+    episode_ends[-1] = True
+    returns = atari.calc_mc_returns(rewards, terminals, episode_ends, GAMMA, failure_reward)
+    assert returns.dtype == np.float32
+    np.testing.assert_allclose(returns, expected, atol=1e-4)
+
+
+def test_mc_returns_match_a_backward_loop_over_concatenated_trajectories():
+    rng = np.random.default_rng(0)
+    rewards = rng.normal(size=5000)
+    terminals, episode_ends = rng.random(5000) < 0.003, rng.random(5000) < 0.003
+    expected, following = np.zeros(5000), 0.0
+    for t in reversed(range(5000)):
+        following = 0.0 if episode_ends[t] else following  # nothing flows back across a trajectory end
+        expected[t] = following = rewards[t] + GAMMA * following * (1 - terminals[t])
+    np.testing.assert_allclose(atari.calc_mc_returns(rewards, terminals, episode_ends, GAMMA), expected, atol=1e-4)
+
+
+def test_failure_rule_applies_only_to_trajectories_that_never_leave_the_failure_reward():
+    returns = atari.calc_mc_returns([-5, -5, -5, 5], [0, 0, 0, 1], [0, 1, 0, 1], GAMMA, failure_reward=-5)
+    np.testing.assert_allclose(returns, [-500, -500, -0.05, 5.0], atol=1e-4)
+
+
+# ---------------- DQN Replay loader ----------------
+
+
+def test_replay_loader_concatenates_checkpoints_and_ends_a_trajectory_at_each(atari_replay_logs):
+    atari_replay_logs(0, **numbered_replay(6, terminal_at=[2]))
+    folder = atari_replay_logs(1, **numbered_replay(5))
+    data = atari.load_replay_logs(folder, checkpoints=(0, 1), transitions_per_checkpoint=4)
+    assert data["frames"].shape == (8, 84, 84) and data["frames"].dtype == np.uint8
+    assert data["frames"][:, 0, 0].tolist() == [1, 2, 3, 4, 1, 2, 3, 4]
+    assert data["rewards"].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert data["actions"].tolist() == [0, 1, 2, 0, 0, 1, 2, 0]
+    assert np.flatnonzero(data["terminals"]).tolist() == [2]
+    assert np.flatnonzero(data["episode_ends"]).tolist() == [2, 3, 7]
+
+
+def test_replay_loader_cuts_a_full_circular_buffer_at_its_cursor(atari_replay_logs):
+    folder = atari_replay_logs(0, **numbered_replay(8))
+    with gzip.open(folder / "add_count_ckpt.0.gz", "wb") as f:
+        np.save(f, np.array(8 + 3))  # the cursor stands at index 3: index 2 is the newest step, index 3 the oldest
+    assert np.flatnonzero(atari.load_replay_logs(folder, (0,))["episode_ends"]).tolist() == [2, 7]
+
+
+@pytest.mark.parametrize("broken", ["missing", "not_gzip", "wrong_frame_shape", "short_rewards"])
+def test_unreadable_replay_file_is_one_error_line_naming_the_file_and_layout(atari_replay_logs, broken):
+    data = numbered_replay(5)
+    data["observation"] = data["observation"][:, :64, :64] if broken == "wrong_frame_shape" else data["observation"]
+    data["reward"] = data["reward"][:3] if broken == "short_rewards" else data["reward"]
+    folder = atari_replay_logs(0, **data)
+    bad_file = {"missing": "reward", "not_gzip": "terminal"}.get(broken)
+    if broken == "missing":
+        (folder / "$store$_reward_ckpt.0.gz").unlink()
+    if broken == "not_gzip":
+        (folder / "$store$_terminal_ckpt.0.gz").write_bytes(b"not a gzip file")
+    with pytest.raises(SystemExit) as error:
+        atari.load_replay_logs(folder, (0,))
+    message = str(error.value)
+    assert "\n" not in message and "expected <replay-dir>/$store$_" in message
+    expected_file = {"wrong_frame_shape": "observation", "short_rewards": "reward"}.get(broken, bad_file)
+    assert f"$store$_{expected_file}_ckpt.0.gz" in message
+
+
+# ---------------- frame stacks ----------------
+
+
+def test_frame_stack_holds_the_four_latest_frames_and_the_next_ones():
+    obs, next_obs = frame_store(10, episode_end_at=[9]).stacks(np.array([5, 8]))
+    assert frame_ids(obs) == [[3, 4, 5, 6], [6, 7, 8, 9]]
+    assert frame_ids(next_obs) == [[4, 5, 6, 7], [7, 8, 9, 10]]
+
+
+def test_frame_stack_does_not_leak_across_episodes():
+    store = frame_store(10, terminal_at=[3], episode_end_at=[9])  # episodes: steps 0-3 and 4-9
+    obs, next_obs = store.stacks(np.array([0, 4, 5, 3]))
+    assert frame_ids(obs) == [[0, 0, 0, 1], [0, 0, 0, 5], [0, 0, 5, 6], [1, 2, 3, 4]]
+    assert frame_ids(next_obs)[:3] == [[0, 0, 1, 2], [0, 0, 5, 6], [0, 5, 6, 7]]
+
+
+def test_trajectory_end_without_terminal_is_never_sampled():
+    store = frame_store(10, terminal_at=[3], episode_end_at=[6, 9])  # 6 and 9 end without a next frame
+    rewards = store.sample(2000, np.random.default_rng(0))["rewards"]
+    assert set(rewards.astype(int).tolist()) == {0, 1, 2, 3, 4, 5, 7, 8}
+
+
+def test_online_buffer_grows_by_labelled_episodes():
+    store, rng = atari.FrameStore.empty(), np.random.default_rng(0)
+    for length in (3, 5):
+        last = np.arange(length) == length - 1
+        episode = dict(frames=np.full((length, 84, 84), length, np.uint8), actions=np.zeros(length, np.int64),
+                       rewards=np.full(length, 2.0, np.float32), terminals=last, episode_ends=last)
+        store.add(**atari.label(episode, GAMMA))
+    assert store.size == 8
+    np.testing.assert_allclose(store.data["mc_returns"][:3], [1 + GAMMA + GAMMA**2, 1 + GAMMA, 1])  # clipped to 1
+    obs, _ = store.stacks(np.array([3]))
+    assert frame_ids(obs) == [[0, 0, 0, 5]]
+    assert store.sample(4, rng)["obs"].shape == (4, 4, 84, 84)
+
+
+# ---------------- the Cal-QL loss ----------------
+
+
+def test_calibration_only_raises_the_q_values_below_the_mc_return():
+    q = torch.tensor([[0.0, 1.0, 3.0], [2.0, -1.0, 4.0]], requires_grad=True)
+    q_data, mc_returns = torch.tensor([1.0, 2.0]), torch.tensor([2.0, -10.0])
+    loss = atari.cql_loss(q, q_data, mc_returns, calibrate=True)
+    bounded = torch.tensor([[2.0, 2.0, 3.0], [2.0, -1.0, 4.0]])
+    torch.testing.assert_close(loss, (torch.logsumexp(bounded, 1) - q_data).mean())
+    loss.backward()
+    assert (q.grad[0, :2] == 0).all() and (q.grad[0, 2] > 0) and (q.grad[1] > 0).all()
+
+
+def test_calibrated_update_equals_plain_cql_when_the_bound_is_very_low():
+    torch.manual_seed(0)
+    store = frame_store(12, terminal_at=[5], episode_end_at=[11])
+    batch = atari.to_torch(store.sample(6, np.random.default_rng(0)), "cpu")
+    batch["mc_returns"] = torch.full((6,), -1e6)
+    results = []
+    for calibrate in (True, False):
+        torch.manual_seed(1)
+        qf, qf_target = atari.QNetwork(3), atari.QNetwork(3)
+        args = atari.Args(calibrate=calibrate)
+        metrics = atari.update(qf, qf_target, torch.optim.Adam(qf.parameters(), lr=1e-3), batch, args)
+        results.append((metrics, torch.nn.utils.parameters_to_vector(qf.parameters())))
+    (calibrated, calibrated_params), (plain, plain_params) = results
+    assert calibrated["calibration/bound_rate"] == 0
+    for key in ("losses/td_loss", "losses/cql_loss", "losses/q_values"):
+        torch.testing.assert_close(calibrated[key], plain[key])
+    torch.testing.assert_close(calibrated_params, plain_params)
+
+
+def test_non_finite_loss_stops_the_run_naming_the_loss_and_step(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    metrics = {"losses/td_loss": torch.tensor(1.0), "losses/cql_loss": torch.tensor(float("nan"))}
+    with SummaryWriter(tmp_path) as writer, pytest.raises(SystemExit, match="losses/cql_loss is nan at gradient step 7"):
+        atari.log_metrics(writer, metrics, global_step=7, start_time=0.0)
+
+
+def test_unknown_env_id_is_one_clear_error():
+    with pytest.raises(SystemExit, match="unknown Atari env id 'ALE/NoSuchGame-v5'"):
+        atari.make_env("ALE/NoSuchGame-v5", seed=0)
+
+
+# ---------------- end to end on the real ALE ----------------
+
+SMOKE = ["--dataset-size", "300", "--offline-updates", "20", "--offline-eval-every", "10", "--online-steps", "100",
+         "--max-episode-steps", "40", "--utd", "0.5", "--eval-every", "50", "--eval-episodes", "1", "--batch-size", "8",
+         "--log-every", "5", "--target-update-period", "10"]
+
+
+def test_smoke_run_pretrains_finetunes_evaluates_and_saves(run_script, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two OpenMP threads crawl when the 2 cores are shared with other jobs
+    run_script("cal_ql_atari.py", *SMOKE)
+    replay_logs = tmp_path / "datasets/atari/Freeway/replay_logs"
+    assert atari.load_replay_logs(replay_logs, (0,))["frames"].shape == (300, 84, 84)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    for checkpoint in ("cal_ql_atari_offline.cleanrl_model", "cal_ql_atari.cleanrl_model"):
+        atari.QNetwork(3).load_state_dict(torch.load(run_dir / checkpoint))
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    keys = {"charts/SPS", "charts/episodic_return", "losses/td_loss", "losses/cql_loss", "losses/q_values",
+            "calibration/bound_rate", "calibration/q_minus_mc", "eval/return"}
+    assert keys <= set(events.Tags()["scalars"])
+    # 3 online episodes of 40 steps, 20 updates after each: gradient steps 21..80 happen online
+    assert [e.step for e in events.Scalars("losses/td_loss")][-1] == 80
+    assert [e.step for e in events.Scalars("eval/return")] == [0, 10, 20, 60, 80]
+    # a second run reuses the collected dataset
+    rerun = run_script("cal_ql_atari.py", *SMOKE, "--offline-updates", "0", "--online-steps", "0")
+    assert "reusing the built-in dataset" in rerun.stdout
