@@ -116,6 +116,8 @@ class Args:
     """epsilon of the evaluation policy"""
     log_every: int = 100
     """gradient steps between reads of the training metrics (TensorBoard, non-finite check)"""
+    compile: bool = False
+    """run the update through torch.compile (same function, fused kernels; the first steps compile)"""
 
 
 def calc_mc_returns(rewards, terminals, episode_ends, gamma, failure_reward=None) -> np.ndarray:
@@ -418,6 +420,7 @@ if __name__ == "__main__":
     qf_target = QNetwork(n_actions).to(device)
     qf_target.load_state_dict(qf.state_dict())
     optimizer = torch.optim.Adam(qf.parameters(), lr=args.learning_rate, eps=0.01 / 32)
+    update_step = torch.compile(update) if args.compile else update
     global_step, env_steps, start_time = 0, 0, time.time()
 
     def report_eval(phase):
@@ -430,7 +433,7 @@ if __name__ == "__main__":
     pbar = tqdm(total=args.offline_updates, desc="offline")
     pbar.set_postfix(eval=report_eval("before training"))
     for _ in range(args.offline_updates):
-        metrics = update(qf, qf_target, optimizer, to_torch(offline_buffer.sample(args.batch_size, rng), device), args)
+        metrics = update_step(qf, qf_target, optimizer, to_torch(offline_buffer.sample(args.batch_size, rng), device), args)
         global_step += 1
         if global_step % args.target_update_period == 0:
             qf_target.load_state_dict(qf.state_dict())
@@ -458,7 +461,7 @@ if __name__ == "__main__":
             offline_batch = offline_buffer.sample(n_offline, rng)
             online_batch = online_buffer.sample(args.batch_size - n_offline, rng)
             batch = {k: np.concatenate([offline_batch[k], online_batch[k]]) for k in offline_batch}
-            metrics = update(qf, qf_target, optimizer, to_torch(batch, device), args)
+            metrics = update_step(qf, qf_target, optimizer, to_torch(batch, device), args)
             global_step += 1
             if global_step % args.target_update_period == 0:
                 qf_target.load_state_dict(qf.state_dict())

@@ -125,6 +125,10 @@ class Args:
     log_every: int = 100
     """write losses (one device-to-host copy) every this many gradient steps"""
 
+    # speed
+    compile: bool = False
+    """run the update through torch.compile (same function, fused kernels; the first steps compile for a minute)"""
+
 
 PRESETS = {  # per task family, the settings that differ from Args' defaults; any flag overrides them
     # The embedded task is small enough for 2 CPU cores: narrower networks and short phases (see README).
@@ -439,6 +443,7 @@ if __name__ == "__main__":
 
     agent = Agent(obs_dim, action_dim, args).to(device)
     optimizer = agent.make_optimizer(args)
+    update_step = torch.compile(update) if args.compile else update
     global_step, eval_regrets, train_regrets = 0, [], []
 
     def policy(obs):
@@ -474,7 +479,7 @@ if __name__ == "__main__":
             start_time = time.time()
             for global_step in range(1, args.offline_steps + 1):
                 batch = offline_buffer.sample(args.batch_size)
-                metrics = update(agent, optimizer, batch, draw_noise(args.batch_size, args.cql_n_actions, action_dim, device), args)
+                metrics = update_step(agent, optimizer, batch, draw_noise(args.batch_size, args.cql_n_actions, action_dim, device), args)
                 if global_step % args.log_every == 0:
                     log_metrics(metrics, start_time, global_step)
                 if global_step % args.offline_eval_every == 0 or global_step == args.offline_steps:
@@ -501,7 +506,7 @@ if __name__ == "__main__":
                 global_step, updates_done = global_step + 1, updates_done + 1
                 offline_batch, online_batch = offline_buffer.sample(n_offline), online_buffer.sample(args.batch_size - n_offline)
                 batch = {k: torch.cat([offline_batch[k], online_batch[k]]) for k in offline_batch}
-                metrics = update(agent, optimizer, batch, draw_noise(args.batch_size, args.cql_n_actions, action_dim, device), args)
+                metrics = update_step(agent, optimizer, batch, draw_noise(args.batch_size, args.cql_n_actions, action_dim, device), args)
                 if global_step % args.log_every == 0:
                     log_metrics(metrics, start_time, updates_done)
 

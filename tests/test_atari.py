@@ -1,4 +1,4 @@
-"""Tests of cal_ql_atari.py: MC labels, the DQN Replay loader, frame stacking, the Cal-QL loss, and a smoke run."""
+"""Tests of cal_ql_atari.py (its MC labels: tests/test_mc_returns.py): the DQN Replay loader, frame stacking, the Cal-QL loss, and a smoke run."""
 
 import gzip
 
@@ -36,42 +36,6 @@ def frame_store(n, terminal_at=(), episode_end_at=()):
 def frame_ids(stacks):
     """The number written in each stacked frame (frame i holds i + 1; 0 = padding)."""
     return stacks[:, :, 0, 0].astype(int).tolist()
-
-
-# ---------------- Monte-Carlo labels ----------------
-
-
-@pytest.mark.parametrize(
-    "rewards, terminals, failure_reward, expected",
-    [
-        ([-5, -5, 5], [0, 0, 1], None, [-5.0495, -0.05, 5.0]),
-        ([-5, 5, -5, 5], [0, 1, 0, 1], None, [-0.05, 5.0, -0.05, 5.0]),
-        ([-5, -5, -5], [0, 0, 1], -5, [-500.0, -500.0, -500.0]),
-        ([-5, -5, -5, 5], [0, 0, 0, 0], None, [-9.9990, -5.0495, -0.05, 5.0]),
-    ],
-)
-def test_mc_returns_match_the_spec_vectors(rewards, terminals, failure_reward, expected):
-    episode_ends = np.zeros(len(rewards), bool)
-    episode_ends[-1] = True
-    returns = atari.calc_mc_returns(rewards, terminals, episode_ends, GAMMA, failure_reward)
-    assert returns.dtype == np.float32
-    np.testing.assert_allclose(returns, expected, atol=1e-4)
-
-
-def test_mc_returns_match_a_backward_loop_over_concatenated_trajectories():
-    rng = np.random.default_rng(0)
-    rewards = rng.normal(size=5000)
-    terminals, episode_ends = rng.random(5000) < 0.003, rng.random(5000) < 0.003
-    expected, following = np.zeros(5000), 0.0
-    for t in reversed(range(5000)):
-        following = 0.0 if episode_ends[t] else following  # nothing flows back across a trajectory end
-        expected[t] = following = rewards[t] + GAMMA * following * (1 - terminals[t])
-    np.testing.assert_allclose(atari.calc_mc_returns(rewards, terminals, episode_ends, GAMMA), expected, atol=1e-4)
-
-
-def test_failure_rule_applies_only_to_trajectories_that_never_leave_the_failure_reward():
-    returns = atari.calc_mc_returns([-5, -5, -5, 5], [0, 0, 0, 1], [0, 1, 0, 1], GAMMA, failure_reward=-5)
-    np.testing.assert_allclose(returns, [-500, -500, -0.05, 5.0], atol=1e-4)
 
 
 # ---------------- DQN Replay loader ----------------
