@@ -64,6 +64,9 @@ class Args:
     failure_reward: float | None = None
     """sparse tasks: the raw reward of a step away from the goal; a trajectory made only of it gets the MC return
     of failing forever, (failure_reward * scale + bias) / (1 - gamma). None: plain discounted sums (dense rewards)"""
+    mc_bootstrap_tail: bool = False
+    """a trajectory that stops without a terminal (time limit) is taken to keep its last reward forever: its last
+    step's return is r_T / (1 - gamma) (the official code's Kitchen labelling)"""
 
     # networks
     policy_hidden: list[int] = field(default_factory=lambda: [256, 256])
@@ -130,12 +133,32 @@ class Args:
     """run the update through torch.compile (same function, fused kernels; the first steps compile for a minute)"""
 
 
-PRESETS = {  # per task family, the settings that differ from Args' defaults; any flag overrides them
+PRESETS = {  # per task family, then per task id on top of it: the settings of its runs; any flag overrides them
     # The embedded task is small enough for 2 CPU cores: narrower networks and short phases (see README).
     "pointmaze": dict(
         reward_scale=10.0, reward_bias=-5.0, failure_reward=0.0, policy_hidden=[128, 128], q_hidden=[128, 128],
         cql_n_actions=10, offline_steps=5_000, offline_eval_every=2_500, online_env_steps=10_000,
         online_eval_every=2_500, eval_episodes=50,
+    ),
+    # The paper's tasks, with the official settings (nakamotoo/Cal-QL scripts/run_antmaze.sh, run_adroit.sh, run_kitchen.sh)
+    "antmaze": dict(
+        reward_scale=10.0, reward_bias=-5.0, failure_reward=0.0, policy_hidden=[256, 256], q_hidden=[256, 256, 256, 256],
+        cql_weight=5.0, cql_lagrange=True, cql_target_action_gap=0.8, cql_importance_sample=True,
+        offline_steps=1_000_000, offline_eval_every=50_000, online_env_steps=1_000_000, online_eval_every=2_000,
+        eval_episodes=20, mixing_ratio=0.5,
+    ),
+    "adroit": dict(
+        reward_scale=10.0, reward_bias=5.0, failure_reward=-1.0, policy_hidden=[512, 512], q_hidden=[512, 512, 512],
+        cql_weight=1.0, cql_lagrange=False, cql_importance_sample=True,
+        offline_steps=20_000, offline_eval_every=2_000, online_env_steps=1_000_000, online_eval_every=2_000,
+        eval_episodes=20, mixing_ratio=0.5,
+    ),
+    "pen-binary-v0": dict(online_env_steps=200_000),
+    "kitchen": dict(
+        reward_scale=1.0, reward_bias=0.0, failure_reward=None, mc_bootstrap_tail=True,
+        policy_hidden=[512, 512, 512], q_hidden=[512, 512, 512], cql_weight=5.0, cql_lagrange=False,
+        cql_importance_sample=False, offline_steps=500_000, offline_eval_every=50_000, online_env_steps=1_500_000,
+        online_eval_every=5_000, eval_episodes=20, mixing_ratio=0.25,
     ),
     "custom": dict(),
 }
@@ -147,7 +170,8 @@ def parse_args() -> Args:
     pre.add_argument("--env-id", default=Args.env_id)
     env_id = pre.parse_known_args()[0].env_id
     family = TASKS[env_id].family if env_id in TASKS else "custom"
-    return tyro.cli(Args, default=replace(Args(), env_id=env_id, **PRESETS[family]))
+    preset = {**PRESETS[family], **PRESETS.get(env_id, {})}
+    return tyro.cli(Args, default=replace(Args(), env_id=env_id, **preset))
 
 
 def calc_mc_returns(rewards, terminals, episode_ends, gamma, failure_reward=None) -> np.ndarray:
@@ -363,13 +387,16 @@ def label_transitions(data: dict[str, np.ndarray], args: Args) -> dict[str, np.n
     The same path serves the offline data and every finished online episode."""
     rewards = data["rewards"] * args.reward_scale + args.reward_bias
     failure = None if args.failure_reward is None else args.failure_reward * args.reward_scale + args.reward_bias
+    tail_rewards = rewards.copy()
+    if args.mc_bootstrap_tail:  # a time-limited trajectory keeps its last reward forever: r_T / (1 - gamma)
+        tail_rewards[data["episode_ends"] & ~data["terminals"].astype(bool)] /= 1 - args.gamma
     return {
         "obs": data["observations"],
         "actions": np.clip(data["actions"], -0.99999, 0.99999),  # finite tanh log-probs of data actions
         "rewards": rewards,
         "next_obs": data["next_observations"],
         "terminals": data["terminals"],
-        "mc_returns": calc_mc_returns(rewards, data["terminals"], data["episode_ends"], args.gamma, failure),
+        "mc_returns": calc_mc_returns(tail_rewards, data["terminals"], data["episode_ends"], args.gamma, failure),
     }
 
 

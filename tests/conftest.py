@@ -27,30 +27,86 @@ def d4rl_file(tmp_path):
 
 
 @pytest.fixture
-def minari_pointmaze(tmp_path, monkeypatch):
-    """A two-episode Minari dataset recorded on the embedded PointMaze env (dict observations), in a temp store."""
+def awac_files(tmp_path):
+    """Write the AWAC Adroit-binary files of a task into tmp_path/datasets/offpolicy_hand_data, in their real format:
+    pickled numpy object arrays of trajectory dicts. `{name}2_sparse.npy`: every observation a dict holding the vector
+    under `state_observation`, one extra trailing reward, terminals (T,); `{name}_bc_sparse4.npy`: plain vectors,
+    rewards and terminals (T, 1). One trajectory per raw-reward sequence (-1 / 0 at success), with random states of
+    `obs_dim` (next_observations[t] = observations[t+1]) and actions of `act_dim`. Returns the --dataset-dir."""
+    folder = tmp_path / "datasets" / "offpolicy_hand_data"
+
+    def trajectory(rewards, obs_dim, act_dim, rng, expert):
+        n = len(rewards)
+        states = rng.normal(size=(n + 1, obs_dim))
+        rewards, terminals = np.asarray(rewards, np.float64), np.zeros(n, bool)
+        if expert:
+            dicts = np.array([{"state_observation": v, "desired_goal": v[:3]} for v in states], dtype=object)
+            observations, next_observations = dicts[:-1], dicts[1:]
+            rewards = np.append(rewards, rewards[-1])
+        else:
+            observations, next_observations = states[:-1], states[1:]
+            rewards, terminals = rewards[:, None], terminals[:, None]
+        actions = rng.uniform(-1, 1, (n, act_dim))
+        return dict(observations=observations, next_observations=next_observations, actions=actions, rewards=rewards, terminals=terminals, agent_infos=[{}] * n, env_infos=[{}] * n)
+
+    def write(name, obs_dim, act_dim, expert_rewards, bc_rewards):
+        folder.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        for file, rewards, expert in ((f"{name}2_sparse.npy", expert_rewards, True), (f"{name}_bc_sparse4.npy", bc_rewards, False)):
+            trajectories = np.array([trajectory(r, obs_dim, act_dim, rng, expert) for r in rewards], dtype=object)
+            np.save(folder / file, trajectories, allow_pickle=True)
+        return str(folder.parent)
+
+    return write
+
+
+@pytest.fixture
+def minari_store(tmp_path, monkeypatch):
+    """A temp Minari store ($MINARI_DATASETS_PATH). Returns record(dataset_id, env, lengths, rewards=None, infos=None):
+    one episode of uniform random actions on `env` per entry of `lengths` (reset with seed = its index; it stops
+    earlier if the env ends it), saved with minari.create_dataset_from_buffers. `rewards` (one sequence per episode)
+    replace the recorded rewards and `infos` (one dict of T+1 entries per episode, reset included) are stored as
+    the episodes' infos. Returns the EpisodeBuffers."""
     import minari
     from minari.data_collector import EpisodeBuffer
 
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+
+    def record(dataset_id, env, lengths, rewards=None, infos=None):
+        rng, episodes = np.random.default_rng(0), []
+        for i, length in enumerate(lengths):
+            obs, _ = env.reset(seed=i)
+            buffer = {"observations": [obs], "actions": [], "rewards": [], "terminations": [], "truncations": []}
+            done = False
+            while not done and len(buffer["actions"]) < length:
+                action = rng.uniform(-1, 1, env.action_space.shape).astype(np.float32)
+                obs, reward, terminated, truncated, _ = env.step(action)
+                for key, value in zip(buffer, (obs, action, reward, terminated, truncated)):
+                    buffer[key].append(value)
+                done = terminated or truncated
+            if rewards is not None:
+                buffer["rewards"] = list(rewards[i])
+            observations = stack(buffer.pop("observations"))
+            episodes.append(EpisodeBuffer(id=i, observations=observations, infos=None if infos is None else infos[i], **buffer))
+        minari.create_dataset_from_buffers(dataset_id, episodes, env=env, algorithm_name="random", author="tests", author_email="tests@example.com", eval_env=env, description="test data")
+        return episodes
+
+    return record
+
+
+def stack(frames):
+    """Per-step observations (arrays or nested dicts of arrays) -> one array per leaf, time first."""
+    if isinstance(frames[0], dict):
+        return {k: stack([frame[k] for frame in frames]) for k in frames[0]}
+    return np.stack(frames)
+
+
+@pytest.fixture
+def minari_pointmaze(minari_store):
+    """A two-episode Minari dataset recorded on the embedded PointMaze env (dict observations), in a temp store."""
     register_robotics_envs()
     env = gym.make("PointMaze_UMaze-v3", continuing_task=False, max_episode_steps=5)
-    rng, episodes = np.random.default_rng(0), []
-    for seed in range(2):
-        obs, _ = env.reset(seed=seed)
-        buffer = {"observations": [obs], "actions": [], "rewards": [], "terminations": [], "truncations": []}
-        done = False
-        while not done:
-            action = rng.uniform(-1, 1, 2).astype(np.float32)
-            obs, reward, terminated, truncated, _ = env.step(action)
-            for key, value in zip(buffer, (obs, action, reward, terminated, truncated)):
-                buffer[key].append(value)
-            done = terminated or truncated
-        frames = buffer.pop("observations")
-        observations = {k: np.stack([o[k] for o in frames]) for k in obs}
-        episodes.append(EpisodeBuffer(id=seed, observations=observations, **buffer))
-    minari.create_dataset_from_buffers("test/pointmaze/random-v0", episodes, env=env, algorithm_name="random", author="tests", author_email="tests@example.com", eval_env=env, description="test data")
-    return "test/pointmaze/random-v0", episodes
+    return "test/pointmaze/random-v0", minari_store("test/pointmaze/random-v0", env, [5, 5])
 
 
 @pytest.fixture(scope="session")
@@ -95,3 +151,12 @@ def atari_replay_logs(tmp_path):
         return folder
 
     return write
+
+
+def scalars(run_dir) -> dict:
+    """The steps at which each TensorBoard scalar of a run was written."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

@@ -2,12 +2,10 @@
 updates, evaluations, TensorBoard logs and checkpoints; plus the twin-sync check and bad-input errors."""
 
 import difflib
-from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, scalars
 
 SHORT = ["--offline-steps", "20", "--offline-eval-every", "10", "--online-env-steps", "400", "--online-eval-every", "200", "--eval-episodes", "2"]
 EXPECTED_KEYS = {
@@ -15,12 +13,6 @@ EXPECTED_KEYS = {
     "calibration/bound_rate", "calibration/q_minus_mc", "charts/SPS", "charts/episodic_return", "charts/episodic_success",
     "charts/train_regret", "eval/return", "eval/success_rate", "eval/normalized_score", "eval/regret",
 }
-
-
-def scalars(run_dir: Path) -> dict:
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    return {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 @pytest.mark.parametrize("script", ["cal_ql_continuous.py", "cql_continuous.py"])

@@ -22,9 +22,11 @@ def evaluate(
     ref_max: float | None = None,
 ) -> dict[str, float]:
     """Mean return, episode length, success rate (success at any step, from `info["success"]`) and normalized
-    score of `policy` over `n_episodes` episodes. Episode i is reset with `seed + i`, so every evaluation of a run
-    sees the same starts and goals and successive evaluations are comparable."""
-    returns, lengths, successes = [], [], []
+    score of `policy` over `n_episodes` episodes. The normalized score is the env's own per-episode score where it
+    reports one (`info["normalized_score"]` at the last step: Adroit binary, Kitchen), else the return normalized by
+    `ref_min`/`ref_max`. Episode i is reset with `seed + i`, so every evaluation of a run sees the same starts and
+    goals and successive evaluations are comparable."""
+    returns, lengths, successes, scores = [], [], [], []
     for i in range(n_episodes):
         obs, _ = env.reset(seed=seed + i)
         episode_return, length, success, done = 0.0, 0, False, False
@@ -36,10 +38,12 @@ def evaluate(
         returns.append(episode_return)
         lengths.append(length)
         successes.append(success)
+        scores.append(info.get("normalized_score"))
     mean_return = float(np.mean(returns))
+    reported = None not in scores
     return {
         "return": mean_return,
         "length": float(np.mean(lengths)),
         "success_rate": float(np.mean(successes)),
-        "normalized_score": normalized_score(mean_return, ref_min, ref_max),
+        "normalized_score": float(np.mean(scores)) if reported else normalized_score(mean_return, ref_min, ref_max),
     }

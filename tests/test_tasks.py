@@ -1,0 +1,237 @@
+"""The paper's tasks on gymnasium-robotics (Adroit binary, AntMaze, Kitchen): their environments, their data written in
+the real on-disk formats and loaded through the real code path, the Adroit-binary processing rules, missing-data
+errors, the presets, and end-to-end runs with offline and online updates on each family."""
+
+import sys
+import tempfile
+import time
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium_robotics.envs.franka_kitchen.kitchen_env import OBS_ELEMENT_GOALS, OBS_ELEMENT_INDICES
+from gymnasium_robotics.utils.rotations import euler2quat
+
+from conftest import TINY, scalars
+from utils.datasets import ANTMAZE_EVAL_MAPS, TASKS, DatasetError, check_dataset_fits_env, load_dataset, make_env, register_robotics_envs
+from utils.evaluation import evaluate
+
+SHAPES = {  # observation dim, action dim, horizon
+    "pen-binary-v0": (45, 24, 100), "door-binary-v0": (39, 28, 200), "relocate-binary-v0": (39, 30, 200),
+    **{f"antmaze-{name}-v2": (2 + 2 + 27, 8, 700) for name in ("umaze", "umaze-diverse")},
+    **{f"antmaze-{size}-{kind}-v2": (2 + 2 + 27, 8, 1000) for size in ("medium", "large") for kind in ("play", "diverse")},
+    "kitchen-complete": (11 + 11 + 59, 9, 1000), "kitchen-partial": (11 + 11 + 59, 9, 1000), "kitchen-mixed": (12 + 12 + 59, 9, 1000),
+}
+
+
+@pytest.fixture(autouse=True)
+def maze_files_in_tmp_path(tmp_path, monkeypatch):
+    """AntMaze writes its maze XML into the temp dir and never deletes it: keep those files in tmp_path, here and in
+    the scripts run in a subprocess."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
+def recording_env(env_id: str) -> gym.Env:
+    """The environment the task's Minari dataset was recorded on (the env spec in its metadata)."""
+    register_robotics_envs()
+    task = TASKS[env_id]
+    if task.family == "antmaze":  # continuing, the goal never moves; umaze with its fixed start and goal
+        maze = ANTMAZE_EVAL_MAPS["umaze"] if env_id == "antmaze-umaze-v2" else gym.spec(task.gym_id).kwargs["maze_map"]
+        return gym.make(task.gym_id, maze_map=maze, continuing_task=True, reset_target=False)
+    if task.family == "kitchen":  # the task's own sub-tasks, never removed, no early end
+        return gym.make(task.gym_id, **task.env_kwargs, max_episode_steps=280 if env_id == "kitchen-complete" else 450)
+    return gym.make(task.gym_id)  # Adroit: dense reward, the success flag in info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Environments
+
+
+@pytest.mark.parametrize("env_id", SHAPES)
+def test_every_paper_task_builds_its_environment(env_id):
+    env = make_env(env_id, seed=0)
+    obs, _ = env.reset(seed=0)
+    assert (obs.shape[0], env.action_space.shape[0], env.spec.max_episode_steps) == SHAPES[env_id]
+
+
+def test_antmaze_evaluates_in_the_recorded_maze_from_a_fixed_start_to_a_fixed_goal():
+    register_robotics_envs()
+    for env_id in ("antmaze-umaze-v2", "antmaze-medium-play-v2", "antmaze-large-diverse-v2"):
+        recorded = recording_env(env_id).unwrapped.maze.maze_map
+        evaluated = TASKS[env_id].env_kwargs["maze_map"]
+        assert [[cell == 1 for cell in row] for row in evaluated] == [[cell == 1 for cell in row] for row in recorded]
+        env = make_env(env_id, seed=0)
+        maze = env.unwrapped.maze
+        for seed in range(3):  # flat observation: achieved goal (the ant's x, y), desired goal, the 27 ant states
+            obs, _ = env.reset(seed=seed)
+            cells = [tuple(maze.cell_xy_to_rowcol(xy)) for xy in (obs[:2], obs[2:4])]
+            assert [evaluated[r][c] for r, c in cells] == ["r", "g"]
+
+
+def aligned_pen_state(env):
+    """A Pen start state whose pen already sits at the target with the target's orientation: the next step succeeds."""
+    env.reset(seed=0)
+    state = env.unwrapped.get_env_state()
+    return {**state, "desired_orien": euler2quat(np.array([0.0, np.pi / 2, 0.0]))}
+
+
+def test_adroit_binary_reward_and_episode_end_at_the_first_success():
+    env = make_env("pen-binary-v0", seed=0)
+    env.reset(seed=0)
+    length, done = 0, False
+    while not done:  # random actions: every step pays success - 1 and ends the episode exactly when it succeeds
+        _, reward, terminated, truncated, info = env.step(env.action_space.sample())
+        length, done = length + 1, terminated or truncated
+        assert reward == float(info["success"]) - 1 and terminated == info["success"]
+    assert terminated or length == 100
+
+    env.reset(seed=0, options={"initial_state_dict": aligned_pen_state(env)})
+    _, reward, terminated, truncated, info = env.step(np.zeros(24))
+    assert (reward, terminated, info["success"], info["normalized_score"]) == (0.0, True, True, 1.0)
+
+
+def test_adroit_evaluation_scores_success_without_reference_returns():
+    env = make_env("pen-binary-v0", seed=0)
+    result = evaluate(env, lambda obs: np.zeros(24), n_episodes=2, seed=0)  # no ref scores: the env reports the score
+    assert result["normalized_score"] == result["success_rate"]
+
+
+def test_kitchen_reward_counts_the_solved_subtasks_and_scores_their_fraction():
+    env = make_env("kitchen-complete", seed=0)
+    tasks = TASKS["kitchen-complete"].env_kwargs["tasks_to_complete"]
+    for solved in range(len(tasks) + 1):
+        env.reset(seed=0)
+        for task in tasks[:solved]:
+            env.unwrapped.data.qpos[OBS_ELEMENT_INDICES[task]] = OBS_ELEMENT_GOALS[task]
+        _, reward, terminated, _, info = env.step(np.zeros(9))
+        assert (reward, info["normalized_score"], info["success"], terminated) == (solved, solved / 4, solved == 4, False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data of each family, in its real format, through load_dataset
+
+
+def test_awac_files_are_processed_like_the_official_code(awac_files):
+    env = make_env("pen-binary-v0", seed=0)
+    # expert file: a success then a failure step, and a trajectory that never succeeds; BC file: two successes
+    dataset_dir = awac_files("pen", 45, 24, [[-1, -1, 0, 0, -1], [-1, -1, -1]], [[-1, 0, -1, 0, -1, -1], [-1] * 4])
+    data = load_dataset("pen-binary-v0", None, None, dataset_dir)
+    check_dataset_fits_env(data, env, "AWAC files")
+    np.testing.assert_array_equal(data["rewards"], [-1, -1, 0, 0, -1, 0, -1, 0])  # cut after the last success
+    np.testing.assert_array_equal(data["terminals"], data["rewards"] == 0)  # every success step is terminal
+    np.testing.assert_array_equal(np.flatnonzero(data["episode_ends"]), [3, 7])
+    expert = np.load(f"{dataset_dir}/offpolicy_hand_data/pen2_sparse.npy", allow_pickle=True)
+    bc = np.load(f"{dataset_dir}/offpolicy_hand_data/pen_bc_sparse4.npy", allow_pickle=True)
+    np.testing.assert_allclose(data["observations"][:4], [o["state_observation"] for o in expert[0]["observations"][:4]], rtol=1e-6)
+    np.testing.assert_allclose(data["next_observations"][4:8], bc[0]["next_observations"][:4], rtol=1e-6)
+    np.testing.assert_allclose(data["actions"][4:8], bc[0]["actions"][:4], rtol=1e-6)
+
+
+def test_minari_adroit_reward_is_binarised_from_the_success_flag(minari_store, minari_pointmaze):
+    successes = [[False, False, False, True, True, False], [False] * 6]  # after reset, then 5 steps each
+    minari_store("D4RL/pen/human-v2", recording_env("pen-binary-v0"), [5, 5], infos=[{"success": np.array(s)} for s in successes])
+    data = load_dataset("pen-binary-v0", None, "D4RL/pen/human-v2", "unused")
+    check_dataset_fits_env(data, make_env("pen-binary-v0", seed=0), "D4RL/pen/human-v2")
+    np.testing.assert_array_equal(data["rewards"], [-1, -1, 0, 0])  # the failed episode is dropped
+    np.testing.assert_array_equal(data["terminals"], [0, 0, 1, 1])
+    with pytest.raises(DatasetError, match=r"test/pointmaze/random-v0 has no recorded infos\['success'\]"):
+        load_dataset("pen-binary-v0", None, minari_pointmaze[0], "unused")
+
+
+def test_minari_antmaze_goal_steps_are_terminal_and_the_data_is_flattened_like_the_env(minari_store):
+    minari_store("D4RL/antmaze/umaze-v1", recording_env("antmaze-umaze-v2"), [6, 6], rewards=[[0, 0, 1, 1, 0, 0], [0] * 6])
+    data = load_dataset("antmaze-umaze-v2", None, None, "unused")  # the task's own dataset id
+    env = make_env("antmaze-umaze-v2", seed=0)
+    check_dataset_fits_env(data, env, "D4RL/antmaze/umaze-v1")
+    np.testing.assert_array_equal(data["terminals"], data["rewards"] == 1)
+    np.testing.assert_array_equal(np.flatnonzero(data["episode_ends"]), [2, 3, 5, 11])  # each goal step ends a segment
+    np.testing.assert_allclose(data["observations"][0], env.reset(seed=0)[0], rtol=1e-6, atol=1e-6)  # same reset
+
+
+def test_minari_kitchen_is_flattened_like_the_env(minari_store):
+    minari_store("D4RL/kitchen/mixed-v2", recording_env("kitchen-mixed"), [4, 4])
+    data = load_dataset("kitchen-mixed", None, None, "unused")
+    env = make_env("kitchen-mixed", seed=0)
+    check_dataset_fits_env(data, env, "D4RL/kitchen/mixed-v2")
+    assert not data["terminals"].any()
+    np.testing.assert_array_equal(np.flatnonzero(data["episode_ends"]), [3, 7])
+    np.testing.assert_allclose(data["observations"][0], env.reset(seed=0)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_missing_or_corrupt_paper_data_fails_fast_saying_where_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    start = time.time()
+    link = "drive.google.com/file/d/1SsVaQKZnY5UkuR78WrInp9XxTdKHbF0x"
+    with pytest.raises(DatasetError, match=rf"door2_sparse.npy and door_bc_sparse4.npy not found in \S+/offpolicy_hand_data/: .*{link}"):
+        load_dataset("door-binary-v0", None, None, str(tmp_path))
+    for env_id in ("antmaze-large-diverse-v2", "kitchen-partial"):
+        with pytest.raises(DatasetError, match=f"minari download {TASKS[env_id].dataset_id}"):
+            load_dataset(env_id, None, None, str(tmp_path))
+    assert time.time() - start < 10
+    folder = tmp_path / "offpolicy_hand_data"
+    folder.mkdir()
+    for name in TASKS["relocate-binary-v0"].data_files:
+        (folder / name).write_bytes(b"not a pickle")
+    with pytest.raises(DatasetError, match="relocate2_sparse.npy is not an AWAC trajectory file"):
+        load_dataset("relocate-binary-v0", None, None, str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Presets, the Kitchen labelling, and the script end to end
+
+
+def test_presets_are_the_official_settings_of_each_family(monkeypatch):
+    from cal_ql_continuous import PRESETS, parse_args
+
+    assert {task.family for task in TASKS.values()} <= set(PRESETS)
+
+    def args(env_id):
+        monkeypatch.setattr(sys, "argv", ["cal_ql_continuous.py", "--env-id", env_id])
+        return parse_args()
+
+    pen, door, ant, kitchen = args("pen-binary-v0"), args("door-binary-v0"), args("antmaze-large-play-v2"), args("kitchen-mixed")
+    assert (pen.online_env_steps, door.online_env_steps) == (200_000, 1_000_000)  # a task's own entry refines its family's
+    assert (door.reward_scale, door.reward_bias, door.failure_reward, door.cql_weight, door.cql_lagrange) == (10, 5, -1, 1, False)
+    assert (door.policy_hidden, door.q_hidden, door.offline_steps, door.offline_eval_every) == ([512] * 2, [512] * 3, 20_000, 2_000)
+    assert (ant.reward_scale, ant.reward_bias, ant.failure_reward, ant.cql_lagrange, ant.cql_target_action_gap) == (10, -5, 0, True, 0.8)
+    assert (ant.policy_hidden, ant.q_hidden, ant.offline_steps, ant.online_env_steps) == ([256] * 2, [256] * 4, 1_000_000, 1_000_000)
+    assert (kitchen.cql_importance_sample, kitchen.mixing_ratio, kitchen.failure_reward, kitchen.mc_bootstrap_tail) == (False, 0.25, None, True)
+    assert (kitchen.q_hidden, kitchen.offline_steps, kitchen.online_env_steps, kitchen.online_eval_every) == ([512] * 3, 500_000, 1_500_000, 5_000)
+
+
+def test_kitchen_labels_continue_the_last_reward_of_a_time_limited_trajectory():
+    from dataclasses import replace
+
+    from cal_ql_continuous import Args, label_transitions
+
+    gamma = 0.99  # trajectory 1 stops at the time limit: G_T = r_T / (1 - gamma); trajectory 2 ends at a terminal
+    data = {"observations": np.zeros((5, 1)), "actions": np.zeros((5, 1)), "next_observations": np.zeros((5, 1)),
+            "rewards": np.array([0.0, 1.0, 2.0, 3.0, 4.0]), "terminals": np.array([0, 0, 0, 0, 1], bool),
+            "episode_ends": np.array([0, 0, 1, 0, 1], bool)}
+    args = replace(Args(), gamma=gamma, reward_scale=1.0, reward_bias=0.0, failure_reward=None, mc_bootstrap_tail=True)
+    returns = label_transitions(data, args)["mc_returns"]
+    tail = 2 / (1 - gamma)
+    np.testing.assert_allclose(returns, [gamma * (1 + gamma * tail), 1 + gamma * tail, tail, 3 + gamma * 4, 4], rtol=1e-6)
+    np.testing.assert_array_equal(label_transitions(data, args)["rewards"], data["rewards"])  # the TD rewards stay raw
+
+
+RUN = [*TINY, "--offline-steps", "4", "--offline-eval-every", "4", "--online-env-steps", "1", "--online-eval-every", "1", "--eval-episodes", "1"]
+
+
+@pytest.mark.parametrize("env_id", ["pen-binary-v0", "antmaze-umaze-v2", "kitchen-complete"])
+def test_script_pretrains_and_finetunes_each_family(env_id, run_script, awac_files, minari_store, tmp_path):
+    if TASKS[env_id].family == "adroit":  # the task's AWAC files, two successful trajectories in each
+        env = make_env(env_id, seed=0)
+        dataset_dir = awac_files("pen", env.observation_space.shape[0], env.action_space.shape[0], [[-1, -1, 0, 0, -1]] * 2, [[-1, 0, -1, 0]] * 2)
+    else:
+        dataset_dir = str(tmp_path / "unused")
+        minari_store(TASKS[env_id].dataset_id, recording_env(env_id), [8, 8], rewards=[[0] * 5 + [1] * 3, [0] * 8])
+    run_script("cal_ql_continuous.py", "--env-id", env_id, "--dataset-dir", dataset_dir, *RUN)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert torch.load(run_dir / "pretrained.pt")["global_step"] == 4  # offline updates
+    final_step = torch.load(run_dir / "final.pt")["global_step"]
+    assert final_step > 4  # one whole online episode, then as many updates as its steps
+    logged = scalars(run_dir)
+    assert logged["eval/normalized_score"] == [0, 4, final_step] and max(logged["losses/qf_loss"]) > 4
