@@ -56,17 +56,15 @@ class Args:
     dataset_id: str | None = None
     """a Minari dataset id to use as the offline data"""
     dataset_dir: str = "datasets"
-    """where the embedded task's collected data is cached"""
+    """where the embedded task's data is cached and the AWAC Adroit files are looked for (in offpolicy_hand_data/)"""
     reward_scale: float = 1.0
     """rewards become reward * scale + bias, offline and online, before Monte-Carlo labelling"""
     reward_bias: float = 0.0
     """see --reward-scale"""
     failure_reward: float | None = None
-    """sparse tasks: the raw reward of a step away from the goal; a trajectory made only of it gets the MC return
-    of failing forever, (failure_reward * scale + bias) / (1 - gamma). None: plain discounted sums (dense rewards)"""
+    """sparse tasks: the raw reward of a step away from the goal; a trajectory of only such steps gets MC return (scaled failure) / (1 - gamma). None: no such rule"""
     mc_bootstrap_tail: bool = False
-    """a trajectory that stops without a terminal (time limit) is taken to keep its last reward forever: its last
-    step's return is r_T / (1 - gamma) (the official code's Kitchen labelling)"""
+    """a trajectory cut by the time limit keeps its last reward forever: its last MC return is r_T / (1 - gamma) (official Kitchen labelling)"""
 
     # networks
     policy_hidden: list[int] = field(default_factory=lambda: [256, 256])
