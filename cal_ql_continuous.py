@@ -169,7 +169,10 @@ def parse_args() -> Args:
     env_id = pre.parse_known_args()[0].env_id
     family = TASKS[env_id].family if env_id in TASKS else "custom"
     preset = {**PRESETS[family], **PRESETS.get(env_id, {})}
-    return tyro.cli(Args, default=replace(Args(), env_id=env_id, **preset))
+    args = tyro.cli(Args, default=replace(Args(), env_id=env_id, **preset))
+    if not 0.0 <= args.mixing_ratio <= 1.0:
+        raise SystemExit(f"error: --mixing-ratio {args.mixing_ratio} is the offline share of a batch: give a value in [0, 1]")
+    return args
 
 
 def calc_mc_returns(rewards, terminals, episode_ends, gamma, failure_reward=None) -> np.ndarray:
@@ -194,9 +197,9 @@ def calc_mc_returns(rewards, terminals, episode_ends, gamma, failure_reward=None
     return returns.astype(np.float32)
 
 
-def init_orthogonal_(weight: torch.Tensor, gain: float):
-    """Orthogonal init of an [out, in] matrix (official: hidden gain sqrt(2), output gain 1e-2)."""
-    return nn.init.orthogonal_(weight, gain=gain)
+def init_gain(layer: int, n_layers: int) -> float:
+    """Official orthogonal init gains: sqrt(2) for hidden layers, 1e-2 for the output layer (biases start at 0)."""
+    return 1e-2 if layer == n_layers - 1 else math.sqrt(2)
 
 
 class Actor(nn.Module):
@@ -207,7 +210,7 @@ class Actor(nn.Module):
         sizes = [obs_dim, *hidden, 2 * action_dim]
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:]))
         for k, layer in enumerate(self.layers):
-            init_orthogonal_(layer.weight, 1e-2 if k == len(self.layers) - 1 else math.sqrt(2))
+            nn.init.orthogonal_(layer.weight, gain=init_gain(k, len(self.layers)))
             nn.init.zeros_(layer.bias)
         self.log_std_multiplier = nn.Parameter(torch.tensor(1.0))
         self.log_std_offset = nn.Parameter(torch.tensor(-1.0))
@@ -246,8 +249,8 @@ class Critics(nn.Module):
         self.biases = nn.ParameterList(nn.Parameter(torch.zeros(n_critics, 1, o)) for o in sizes[1:])
         with torch.no_grad():
             for k, w in enumerate(self.weights):
-                for member in w:  # each critic initialised independently, like a separate nn.Linear
-                    member.copy_(init_orthogonal_(torch.empty(member.shape[::-1]), 1e-2 if k == len(self.weights) - 1 else math.sqrt(2)).T)
+                for member in w:  # each critic initialised independently, as an [out, in] nn.Linear weight
+                    member.copy_(nn.init.orthogonal_(torch.empty(member.shape[::-1]), gain=init_gain(k, len(self.weights))).T)
 
     def forward(self, obs, actions, detach_params=False):
         """Q-values [2, *batch] of actions [*batch, A] at obs [B, obs_dim] (broadcast over extra action axes).
@@ -277,14 +280,9 @@ class Agent(nn.Module):
 
     def make_optimizer(self, args: Args):
         """One Adam over four groups (Adam is per-element, so this equals one optimizer per group)."""
-        return torch.optim.Adam(
-            [
-                {"params": self.actor.parameters(), "lr": args.policy_lr},
-                {"params": [self.log_alpha], "lr": args.policy_lr},
-                {"params": self.qf.parameters(), "lr": args.q_lr},
-                {"params": [self.log_alpha_prime], "lr": args.q_lr},
-            ]
-        )
+        groups = [(self.actor.parameters(), args.policy_lr), ([self.log_alpha], args.policy_lr),
+                  (self.qf.parameters(), args.q_lr), ([self.log_alpha_prime], args.q_lr)]
+        return torch.optim.Adam([{"params": params, "lr": lr} for params, lr in groups])
 
 
 def draw_noise(batch_size: int, n_actions: int, action_dim: int, device) -> dict[str, torch.Tensor]:
