@@ -404,7 +404,7 @@ def collect_episode(env: gym.Env, actor: Actor, device: torch.device) -> tuple[d
             obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0)
             action = actor.sample(obs_t, torch.randn(1, env.action_space.shape[0], device=device))[0][0].cpu().numpy()
         next_obs, reward, terminated, truncated, info = env.step(action)
-        steps.append((obs, action, reward, next_obs, terminated))
+        steps.append((np.array(obs), action, reward, np.array(next_obs), terminated))  # copies: envs may reuse arrays
         success |= bool(info.get("success", False))
         obs, done = next_obs, terminated or truncated
     columns = [np.asarray(c, np.float32) for c in zip(*steps)]
