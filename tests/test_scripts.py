@@ -1,6 +1,7 @@
 """End-to-end runs of both continuous scripts with tiny networks: offline updates, online episodes with
 updates, evaluations, TensorBoard logs and checkpoints; plus the twin-sync check and bad-input errors."""
 
+import ctypes.util
 import difflib
 
 import pytest
@@ -32,6 +33,17 @@ def test_offline_then_online_run_logs_evaluates_and_checkpoints(script, run_scri
     (finetune_dir,) = (tmp_path / "runs").glob("*finetune*")
     logged = scalars(finetune_dir)
     assert min(logged["losses/qf_loss"]) > 20 and min(logged["eval/return"]) > 20
+
+
+def test_capture_video_records_the_first_episode_of_each_evaluation(run_script, pointmaze_data_dir, tmp_path, monkeypatch):
+    if not ctypes.util.find_library("OSMesa"):
+        pytest.skip("headless rendering needs libOSMesa (apt-get install libosmesa6)")
+    monkeypatch.setenv("MUJOCO_GL", "osmesa")
+    monkeypatch.setenv("PYOPENGL_PLATFORM", "osmesa")
+    flags = ["--offline-steps", "10", "--offline-eval-every", "10", "--online-env-steps", "0", "--eval-episodes", "2"]
+    run_script("cal_ql_continuous.py", "--dataset-dir", pointmaze_data_dir, *TINY, *flags, "--capture-video")
+    videos = sorted(path.name for path in (tmp_path / "videos").glob("*/*.mp4"))
+    assert videos == ["rl-video-episode-0.mp4", "rl-video-episode-2.mp4"]  # evaluations at steps 0 and 10
 
 
 def test_checkpoint_of_other_network_sizes_is_refused(run_script, pointmaze_data_dir, tmp_path):
