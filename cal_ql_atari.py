@@ -54,6 +54,8 @@ class Args:
     """the wandb's project name"""
     wandb_entity: str | None = None
     """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """record the first episode of every evaluation to `videos/{run_name}`"""
     save_model: bool = True
     """save the Q-network state_dict after pre-training and at the end, into runs/{run_name}/"""
 
@@ -252,10 +254,10 @@ class FrameStore:
                     terminals=d["terminals"][idx].astype(np.float32), mc_returns=d["mc_returns"][idx])
 
 
-def make_env(env_id, seed, max_episode_steps=None):
+def make_env(env_id, seed, max_episode_steps=None, render_mode=None):
     if env_id not in gym.registry or "ale_py" not in str(gym.registry[env_id].entry_point):
         sys.exit(f"error: unknown Atari env id {env_id!r}; use an ALE id such as ALE/Pong-v5")
-    env = gym.make(env_id, frameskip=1, repeat_action_probability=0.25)
+    env = gym.make(env_id, frameskip=1, repeat_action_probability=0.25, render_mode=render_mode)
     env = gym.wrappers.AtariPreprocessing(env, noop_max=0, frame_skip=4, screen_size=84, grayscale_obs=True)
     if max_episode_steps is not None:
         env = gym.wrappers.TimeLimit(env, max_episode_steps)  # after the frame skip: counts agent steps
@@ -384,9 +386,10 @@ def log_metrics(writer, metrics, global_step, start_time):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    assert 0 <= args.mixing_ratio <= 1, "--mixing-ratio must be in [0, 1]"
+    if not 0 <= args.mixing_ratio <= 1:
+        sys.exit(f"error: --mixing-ratio {args.mixing_ratio} is the offline share of a batch: give a value in [0, 1]")
     env = make_env(args.env_id, args.seed, args.max_episode_steps)
-    eval_env = make_env(args.env_id, args.seed + 1, args.max_episode_steps)
+    eval_env = make_env(args.env_id, args.seed + 1, args.max_episode_steps, "rgb_array" if args.capture_video else None)
     # offline data: clipped rewards, MC labels per trajectory, frames stored once (loaded before the run folder is
     # created, so that a data error leaves no empty run behind)
     data = load_replay_logs(args.replay_dir or builtin_replay_dir(args), args.checkpoints,
@@ -397,6 +400,8 @@ if __name__ == "__main__":
     offline_buffer, online_buffer = FrameStore(**label(data, args.gamma)), FrameStore.empty()
 
     run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.capture_video:
+        eval_env = gym.wrappers.RecordVideo(eval_env, f"videos/{run_name}", lambda i: i % args.eval_episodes == 0)
     if args.track:
         import wandb
 

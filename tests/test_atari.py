@@ -168,7 +168,7 @@ SMOKE = ["--dataset-size", "300", "--offline-updates", "20", "--offline-eval-eve
 
 
 def test_smoke_run_pretrains_finetunes_evaluates_and_saves(run_script, tmp_path):
-    run_script("cal_ql_atari.py", *SMOKE)
+    run_script("cal_ql_atari.py", *SMOKE, "--capture-video")
     replay_logs = tmp_path / "datasets/atari/Freeway/replay_logs"
     assert atari.load_replay_logs(replay_logs, (0,))["frames"].shape == (300, 84, 84)
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -181,6 +181,7 @@ def test_smoke_run_pretrains_finetunes_evaluates_and_saves(run_script, tmp_path)
     # 3 online episodes of 40 steps, 20 updates after each: gradient steps 21..80 happen online
     assert logged["losses/td_loss"][-1] == 80
     assert logged["eval/return"] == [0, 10, 20, 60, 80]
+    assert len(list((tmp_path / "videos").glob("*/*.mp4"))) == 5  # the first episode of each evaluation
     # a second run reuses the collected dataset
     rerun = run_script("cal_ql_atari.py", *SMOKE, "--offline-updates", "0", "--online-steps", "0")
     assert "reusing the built-in dataset" in rerun.stdout
