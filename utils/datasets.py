@@ -10,6 +10,8 @@ The paper's tasks (Adroit binary, AntMaze, Kitchen) are rebuilt on gymnasium-rob
 its data is processed (`load_dataset`) and which wrapper its environment gets (`make_env`).
 """
 
+import contextlib
+import io
 import os
 import pickle
 import socket
@@ -141,7 +143,9 @@ def get_task(env_id: str, dataset_path: str | None = None, dataset_id: str | Non
 
 
 def register_robotics_envs():
-    import gymnasium_robotics
+    # its import prints a notice on the dense Adroit rewards of v1.2.1, which no task here uses
+    with contextlib.redirect_stderr(io.StringIO()):
+        import gymnasium_robotics
 
     gym.register_envs(gymnasium_robotics)
 
