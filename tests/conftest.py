@@ -88,7 +88,7 @@ def minari_store(tmp_path, monkeypatch):
                 buffer["rewards"] = list(rewards[i])
             observations = stack(buffer.pop("observations"))
             episodes.append(EpisodeBuffer(id=i, observations=observations, infos=None if infos is None else infos[i], **buffer))
-        minari.create_dataset_from_buffers(dataset_id, episodes, env=env, algorithm_name="random", author="tests", author_email="tests@example.com", eval_env=env, description="test data")
+        minari.create_dataset_from_buffers(dataset_id, episodes, env=env, algorithm_name="random", author="tests", author_email="tests@example.com", code_permalink="tests/conftest.py", eval_env=env, description="test data")
         return episodes
 
     return record
