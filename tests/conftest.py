@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from utils.datasets import collect_pointmaze_dataset, make_env, register_robotics_envs, write_d4rl_hdf5
+from utils.datasets import collect_pointmaze_dataset, register_robotics_envs, write_d4rl_hdf5
 
 REPO = Path(__file__).resolve().parents[1]
 
