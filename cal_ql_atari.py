@@ -120,6 +120,10 @@ class Args:
     """gradient steps between reads of the training metrics (TensorBoard, non-finite check)"""
     compile: bool = False
     """run the update through torch.compile (same function, fused kernels; the first steps compile)"""
+    cudagraphs: bool = False
+    """GPU only: capture the update (forward, backward, Adam) as one CUDA graph; each step copies its batch in and replays"""
+    tf32: bool = True
+    """GPU only: TF32 matmuls and convolutions (Ampere and newer)"""
 
 
 def calc_mc_returns(rewards, terminals, episode_ends, gamma, failure_reward=None) -> np.ndarray:
@@ -365,6 +369,43 @@ def update(qf, qf_target, optimizer, batch, args) -> dict:
             "calibration/q_minus_mc": (q.max(dim=1).values - mc).mean()}
 
 
+class CudaGraphStep:
+    """Replays `step(batch)` as one captured CUDA graph: each call copies the batch into the captured input tensors
+    and replays, so the update's kernel launches cost one. The first `warmup` calls run eagerly on a side stream,
+    as capture requires (they create Adam's state and pick kernels); they are real steps. Every call is one step."""
+
+    def __init__(self, step, warmup: int = 3):
+        self.step, self.warmup, self.graph, self.side_stream = step, warmup, None, torch.cuda.Stream()
+
+    def __call__(self, batch: dict) -> dict:
+        if self.warmup > 0:
+            self.warmup -= 1
+            self.side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side_stream):
+                metrics = self.step(batch)
+            torch.cuda.current_stream().wait_stream(self.side_stream)
+            return metrics
+        if self.graph is None:  # capture records the kernels without running them; the replay below runs them
+            self.batch, self.graph = {k: v.clone() for k, v in batch.items()}, torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.metrics = self.step(self.batch)  # static outputs, overwritten by every replay
+        else:
+            for k, v in batch.items():
+                self.batch[k].copy_(v)
+        self.graph.replay()
+        return self.metrics
+
+
+def make_train_step(qf, qf_target, optimizer, args):
+    """step(batch) -> metrics: the update, compiled with --compile and replayed as a CUDA graph with --cudagraphs."""
+    update_fn = torch.compile(update) if args.compile else update
+
+    def step(batch):
+        return update_fn(qf, qf_target, optimizer, batch, args)
+
+    return CudaGraphStep(step) if args.cudagraphs else step
+
+
 def to_torch(batch, device) -> dict:
     return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
 
@@ -388,6 +429,8 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     if not 0 <= args.mixing_ratio <= 1:
         sys.exit(f"error: --mixing-ratio {args.mixing_ratio} is the offline share of a batch: give a value in [0, 1]")
+    if args.cudagraphs and not (args.cuda and torch.cuda.is_available()):
+        sys.exit("error: --cudagraphs replays CUDA graphs and needs a CUDA GPU (with --cuda on); drop the flag on CPU")
     env = make_env(args.env_id, args.seed, args.max_episode_steps)
     eval_env = make_env(args.env_id, args.seed + 1, args.max_episode_steps, "rgb_array" if args.capture_video else None)
     # offline data: clipped rewards, MC labels per trajectory, frames stored once (loaded before the run folder is
@@ -420,12 +463,13 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     rng = np.random.default_rng(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32" if args.tf32 else "ieee"
 
     qf = QNetwork(n_actions).to(device)
     qf_target = QNetwork(n_actions).to(device)
     qf_target.load_state_dict(qf.state_dict())
-    optimizer = torch.optim.Adam(qf.parameters(), lr=args.learning_rate, eps=0.01 / 32)
-    update_step = torch.compile(update) if args.compile else update
+    optimizer = torch.optim.Adam(qf.parameters(), lr=args.learning_rate, eps=0.01 / 32, capturable=args.cudagraphs)
+    train_step = make_train_step(qf, qf_target, optimizer, args)
     global_step, env_steps, start_time = 0, 0, time.time()
 
     def report_eval(phase):
@@ -438,7 +482,7 @@ if __name__ == "__main__":
     pbar = tqdm(total=args.offline_updates, desc="offline")
     pbar.set_postfix(eval=report_eval("before training"))
     for _ in range(args.offline_updates):
-        metrics = update_step(qf, qf_target, optimizer, to_torch(offline_buffer.sample(args.batch_size, rng), device), args)
+        metrics = train_step(to_torch(offline_buffer.sample(args.batch_size, rng), device))
         global_step += 1
         if global_step % args.target_update_period == 0:
             qf_target.load_state_dict(qf.state_dict())
@@ -466,7 +510,7 @@ if __name__ == "__main__":
             offline_batch = offline_buffer.sample(n_offline, rng)
             online_batch = online_buffer.sample(args.batch_size - n_offline, rng)
             batch = {k: np.concatenate([offline_batch[k], online_batch[k]]) for k in offline_batch}
-            metrics = update_step(qf, qf_target, optimizer, to_torch(batch, device), args)
+            metrics = train_step(to_torch(batch, device))
             global_step += 1
             if global_step % args.target_update_period == 0:
                 qf_target.load_state_dict(qf.state_dict())

@@ -129,6 +129,10 @@ class Args:
     # speed
     compile: bool = False
     """run the update through torch.compile (same function, fused kernels; the first steps compile for a minute)"""
+    cudagraphs: bool = False
+    """GPU only: capture the whole gradient step (batch sampling, noise, update, Adam, Polyak) as one CUDA graph and replay it"""
+    tf32: bool = True
+    """GPU only: TF32 matmuls (Ampere and newer), the precision JAX and so the official code use there by default"""
 
 
 PRESETS = {  # per task family, then per task id on top of it: the settings of its runs; any flag overrides them
@@ -279,10 +283,11 @@ class Agent(nn.Module):
         self.log_alpha_prime = nn.Parameter(torch.tensor(1.0))  # alpha' starts at e (official)
 
     def make_optimizer(self, args: Args):
-        """One Adam over four groups (Adam is per-element, so this equals one optimizer per group)."""
+        """One Adam over four groups (Adam is per-element, so this equals one optimizer per group).
+        capturable keeps its step counters on the GPU, so a CUDA graph can replay optimizer.step()."""
         groups = [(self.actor.parameters(), args.policy_lr), ([self.log_alpha], args.policy_lr),
                   (self.qf.parameters(), args.q_lr), ([self.log_alpha_prime], args.q_lr)]
-        return torch.optim.Adam([{"params": params, "lr": lr} for params, lr in groups])
+        return torch.optim.Adam([{"params": params, "lr": lr} for params, lr in groups], capturable=args.cudagraphs)
 
 
 def draw_noise(batch_size: int, n_actions: int, action_dim: int, device) -> dict[str, torch.Tensor]:
@@ -358,11 +363,36 @@ def update(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict, noise: d
     return {k: v.detach().mean() for k, v in losses.items()}
 
 
+class CudaGraphStep:
+    """Replays `step()` (no inputs: it samples its own batch and noise on the GPU) as one captured CUDA graph, so the
+    ~400 kernel launches of an update cost one. The first `warmup` calls run eagerly on a side stream, as capture
+    requires (they create Adam's state and pick cuBLAS kernels); they are real steps. Every call is one step."""
+
+    def __init__(self, step, warmup: int = 3):
+        self.step, self.warmup, self.graph, self.side_stream = step, warmup, None, torch.cuda.Stream()
+
+    def __call__(self) -> dict:
+        if self.warmup > 0:
+            self.warmup -= 1
+            self.side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side_stream):
+                metrics = self.step()
+            torch.cuda.current_stream().wait_stream(self.side_stream)
+            return metrics
+        if self.graph is None:  # capture records the kernels without running them; the replay below runs them
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.metrics = self.step()  # static outputs, overwritten by every replay
+        self.graph.replay()
+        return self.metrics
+
+
 class ReplayBuffer:
     """Transitions kept as tensors on the training device (FIFO once full), sampled uniformly with replacement."""
 
     def __init__(self, capacity: int, obs_dim: int, action_dim: int, device: torch.device):
         self.capacity, self.size, self.pos, self.device = capacity, 0, 0, device
+        self.size_on_device = torch.zeros((), dtype=torch.long, device=device)  # read by sample(), so a graph sees growth
         shapes = {"obs": (obs_dim,), "actions": (action_dim,), "rewards": (), "next_obs": (obs_dim,), "terminals": (), "mc_returns": ()}
         self.data = {k: torch.zeros((capacity, *s), device=device) for k, s in shapes.items()}
 
@@ -372,10 +402,26 @@ class ReplayBuffer:
             v[idx] = torch.as_tensor(transitions[k], dtype=torch.float32, device=self.device)
         self.pos = (self.pos + len(idx)) % self.capacity
         self.size = min(self.size + len(idx), self.capacity)
+        self.size_on_device.fill_(self.size)
 
     def sample(self, n: int) -> dict[str, torch.Tensor]:
-        idx = torch.randint(self.size, (n,), device=self.device)
+        idx = torch.randint(1 << 62, (n,), device=self.device) % self.size_on_device  # uniform (bias < 1e-12), no host sync
         return {k: v[idx] for k, v in self.data.items()}
+
+
+def make_train_step(agent: Agent, optimizer: torch.optim.Optimizer, sources: list[tuple[ReplayBuffer, int]], args: Args):
+    """A function doing one gradient step on a fresh batch (`rows` transitions from each (buffer, rows) source) and
+    fresh noise. --compile and --cudagraphs wrap the same `update`; the eager path is the plain function."""
+    update_fn = torch.compile(update) if args.compile else update
+    sources = [(buffer, rows) for buffer, rows in sources if rows > 0]
+
+    def train_step() -> dict:
+        parts = [buffer.sample(rows) for buffer, rows in sources]
+        batch = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+        noise = draw_noise(args.batch_size, args.cql_n_actions, batch["actions"].shape[-1], batch["actions"].device)
+        return update_fn(agent, optimizer, batch, noise, args)
+
+    return CudaGraphStep(train_step) if args.cudagraphs else train_step
 
 
 def label_transitions(data: dict[str, np.ndarray], args: Args) -> dict[str, np.ndarray]:
@@ -421,6 +467,8 @@ def save_checkpoint(path: str, agent: Agent, optimizer: torch.optim.Optimizer, g
 def load_checkpoint(path: str, agent: Agent, optimizer: torch.optim.Optimizer) -> int:
     try:
         checkpoint = torch.load(path, map_location=next(agent.parameters()).device)
+        for saved, group in zip(checkpoint["optimizer"]["param_groups"], optimizer.param_groups):
+            saved["capturable"] = group["capturable"]  # a run without --cudagraphs may be fine-tuned with it, or back
         agent.load_state_dict(checkpoint["agent"])
         optimizer.load_state_dict(checkpoint["optimizer"])
     except FileNotFoundError:
@@ -447,6 +495,9 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.cudagraphs and device.type != "cuda":
+        raise SystemExit("error: --cudagraphs replays CUDA graphs and needs a CUDA GPU (with --cuda on); drop the flag on CPU")
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if args.tf32 else "ieee"
 
     # environment and offline data, labelled with Monte-Carlo returns
     try:
@@ -466,7 +517,6 @@ if __name__ == "__main__":
 
     agent = Agent(obs_dim, action_dim, args).to(device)
     optimizer = agent.make_optimizer(args)
-    update_step = torch.compile(update) if args.compile else update
     global_step, eval_regrets, train_regrets = 0, [], []
 
     def policy(obs):
@@ -499,10 +549,9 @@ if __name__ == "__main__":
     else:
         with tqdm(total=args.offline_steps, desc="offline", unit="step", mininterval=2) as progress:
             progress.set_postfix(success=run_evaluation()["success_rate"])
-            start_time = time.time()
+            train_step, start_time = make_train_step(agent, optimizer, [(offline_buffer, args.batch_size)], args), time.time()
             for global_step in range(1, args.offline_steps + 1):
-                batch = offline_buffer.sample(args.batch_size)
-                metrics = update_step(agent, optimizer, batch, draw_noise(args.batch_size, args.cql_n_actions, action_dim, device), args)
+                metrics = train_step()
                 if global_step % args.log_every == 0:
                     log_metrics(metrics, start_time, global_step)
                 if global_step % args.offline_eval_every == 0 or global_step == args.offline_steps:
@@ -514,6 +563,7 @@ if __name__ == "__main__":
     # ---------------- online fine-tuning ----------------
     with tqdm(total=args.online_env_steps, desc="online", unit="env step", mininterval=2) as progress:
         env.reset(seed=args.seed)
+        train_step = make_train_step(agent, optimizer, [(offline_buffer, n_offline), (online_buffer, args.batch_size - n_offline)], args)
         env_steps, updates_done, start_time = 0, 0, time.time()
         while env_steps < args.online_env_steps:
             episode, stats = collect_episode(env, agent.actor, device)
@@ -527,9 +577,7 @@ if __name__ == "__main__":
 
             for _ in range(stats["length"] * args.utd_ratio):
                 global_step, updates_done = global_step + 1, updates_done + 1
-                offline_batch, online_batch = offline_buffer.sample(n_offline), online_buffer.sample(args.batch_size - n_offline)
-                batch = {k: torch.cat([offline_batch[k], online_batch[k]]) for k in offline_batch}
-                metrics = update_step(agent, optimizer, batch, draw_noise(args.batch_size, args.cql_n_actions, action_dim, device), args)
+                metrics = train_step()
                 if global_step % args.log_every == 0:
                     log_metrics(metrics, start_time, updates_done)
 

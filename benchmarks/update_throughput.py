@@ -2,12 +2,15 @@
 
     python benchmarks/update_throughput.py                                  # W-antmaze and Adroit shapes, eager
     python benchmarks/update_throughput.py --workloads W-antmaze --modes eager compile
+    python benchmarks/update_throughput.py --modes eager compile cudagraphs compile+cudagraphs   # on a GPU
     python benchmarks/update_throughput.py --workloads custom --obs-dim 17 --action-dim 6 --q-hidden 256 256
     python benchmarks/update_throughput.py --workloads atari                # cal_ql_atari.py's update
     python benchmarks/update_throughput.py --data                           # MC labelling and D4RL loading of 1M
 
-Each line: workload, mode, device, updates/s over --steps timed updates (warm-up and compilation excluded and
-reported separately), and peak memory (GPU: max allocated; CPU: the process's max resident set so far).
+Each mode is the scripts' own code path: the `make_train_step` of cal_ql_continuous.py / cal_ql_atari.py with the
+flags --compile and --cudagraphs, so what is timed is what the scripts run. Each line: workload, mode, device,
+updates/s over --steps timed updates (warm-up, compilation and graph capture excluded and reported separately), and
+peak memory (GPU: max allocated; CPU: the process's max resident set so far).
 """
 
 import os
@@ -39,14 +42,16 @@ WORKLOADS = {  # name -> (obs_dim, action_dim, Args overrides)
 class Args:
     workloads: list[str] = field(default_factory=lambda: ["W-antmaze", "adroit"])
     """named workloads: W-antmaze, adroit, custom (the shape flags below), atari (cal_ql_atari.py, batch 32)"""
-    modes: list[Literal["eager", "compile"]] = field(default_factory=lambda: ["eager"])
-    """eager: the scripts' default path; compile: torch.compile of the same update function (--compile)"""
+    modes: list[Literal["eager", "compile", "cudagraphs", "compile+cudagraphs"]] = field(default_factory=lambda: ["eager"])
+    """eager: the scripts' default path; compile: --compile; cudagraphs: --cudagraphs (GPU only); compile+cudagraphs: both"""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     """where to run"""
     steps: int = 20
     """timed updates per configuration"""
-    warmup: int = 3
-    """untimed updates first (compilation happens here)"""
+    warmup: int = 5
+    """untimed updates first (compilation, and the 3 eager steps and capture of --cudagraphs, happen here)"""
+    tf32: bool = True
+    """GPU: TF32 matmuls, as the scripts' default --tf32"""
     batch_size: int = 256
     """transitions per update (continuous workloads)"""
     cql_n_actions: int = 10
@@ -74,12 +79,12 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def continuous_step(args: Args, name: str, device: torch.device, compiled: bool):
-    """A closure doing one update of cal_ql_continuous.py on a resident synthetic dataset."""
+def continuous_step(args: Args, name: str, device: torch.device, flags: dict):
+    """cal_ql_continuous.py's train step (batch sampling, noise, update) on a resident synthetic dataset."""
     obs_dim, action_dim, overrides = WORKLOADS.get(name, (args.obs_dim, args.action_dim, {}))
     if name == "custom":
         overrides = dict(policy_hidden=args.policy_hidden, q_hidden=args.q_hidden)
-    script_args = replace(calql.Args(), batch_size=args.batch_size, cql_n_actions=args.cql_n_actions, **overrides)
+    script_args = replace(calql.Args(), batch_size=args.batch_size, cql_n_actions=args.cql_n_actions, **overrides, **flags)
     n = 100_000
     buffer = calql.ReplayBuffer(n, obs_dim, action_dim, device)
     rng = np.random.default_rng(0)
@@ -87,33 +92,21 @@ def continuous_step(args: Args, name: str, device: torch.device, compiled: bool)
                 "rewards": rng.choice([-5.0, 5.0], n), "next_obs": rng.normal(size=(n, obs_dim)),
                 "terminals": rng.random(n) < 0.01, "mc_returns": rng.uniform(-500, 5, n)})
     agent = calql.Agent(obs_dim, action_dim, script_args).to(device)
-    optimizer = agent.make_optimizer(script_args)
-    update = torch.compile(calql.update) if compiled else calql.update
-
-    def step():
-        noise = calql.draw_noise(script_args.batch_size, script_args.cql_n_actions, action_dim, device)
-        return update(agent, optimizer, buffer.sample(script_args.batch_size), noise, script_args)
-
-    return step
+    return calql.make_train_step(agent, agent.make_optimizer(script_args), [(buffer, script_args.batch_size)], script_args)
 
 
-def atari_step(args: Args, device: torch.device, compiled: bool):
-    """A closure doing one update of cal_ql_atari.py (Nature CNN, batch 32 of 4x84x84 stacks)."""
-    script_args = cal_ql_atari.Args()
+def atari_step(args: Args, device: torch.device, flags: dict):
+    """cal_ql_atari.py's train step (Nature CNN, batch 32 of 4x84x84 stacks sampled on the CPU and copied over)."""
+    script_args = replace(cal_ql_atari.Args(), **flags)
     n, rng = 10_000, np.random.default_rng(0)
     store = cal_ql_atari.FrameStore(
         frames=rng.integers(0, 255, (n, 84, 84), dtype=np.uint8), actions=rng.integers(0, 6, n),
         rewards=rng.choice([0.0, 1.0], n).astype(np.float32), terminals=rng.random(n) < 0.001,
         episode_ends=rng.random(n) < 0.001, mc_returns=rng.uniform(0, 10, n).astype(np.float32))
     qf, qf_target = cal_ql_atari.QNetwork(6).to(device), cal_ql_atari.QNetwork(6).to(device)
-    optimizer = torch.optim.Adam(qf.parameters(), lr=script_args.learning_rate, eps=0.01 / 32)
-    update = torch.compile(cal_ql_atari.update) if compiled else cal_ql_atari.update
-
-    def step():
-        batch = cal_ql_atari.to_torch(store.sample(script_args.batch_size, rng), device)
-        return update(qf, qf_target, optimizer, batch, script_args)
-
-    return step
+    optimizer = torch.optim.Adam(qf.parameters(), lr=script_args.learning_rate, eps=0.01 / 32, capturable=script_args.cudagraphs)
+    train_step = cal_ql_atari.make_train_step(qf, qf_target, optimizer, script_args)
+    return lambda: train_step(cal_ql_atari.to_torch(store.sample(script_args.batch_size, rng), device))
 
 
 def time_updates(step, args: Args, device: torch.device) -> tuple[float, float]:
@@ -154,12 +147,16 @@ if __name__ == "__main__":
         benchmark_data()
         sys.exit()
     device = torch.device(args.device)
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32" if args.tf32 else "ieee"
     print(f"torch {torch.__version__}, device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {torch.get_num_threads()} threads"))
     for name in args.workloads:
         for mode in args.modes:
+            flags = {"compile": "compile" in mode, "cudagraphs": "cudagraphs" in mode}
+            if flags["cudagraphs"] and device.type != "cuda":
+                print(f"{name:10s} {mode:18s} {device.type:5s} skipped: CUDA graphs need a CUDA device")
+                continue
             torch.manual_seed(0)
-            compiled = mode == "compile"
-            step = atari_step(args, device, compiled) if name == "atari" else continuous_step(args, name, device, compiled)
+            step = atari_step(args, device, flags) if name == "atari" else continuous_step(args, name, device, flags)
             updates_per_s, warmup_s = time_updates(step, args, device)
-            print(f"{name:10s} {mode:8s} {device.type:5s} {updates_per_s:9.1f} updates/s   "
+            print(f"{name:10s} {mode:18s} {device.type:5s} {updates_per_s:9.1f} updates/s   "
                   f"warm-up {args.warmup} steps {warmup_s:6.1f} s   peak memory {peak_memory_mb(device):8.0f} MB")

@@ -8,10 +8,19 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 
 from utils.datasets import collect_pointmaze_dataset, register_robotics_envs, write_d4rl_hdf5
 
 REPO = Path(__file__).resolve().parents[1]
+
+# --compile runs anywhere; --cudagraphs (alone or on top of --compile) needs a CUDA GPU
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+FAST_MODES = [
+    pytest.param({"compile": True}, "cpu", id="compile"),
+    pytest.param({"cudagraphs": True}, "cuda", id="cudagraphs", marks=needs_cuda),
+    pytest.param({"compile": True, "cudagraphs": True}, "cuda", id="compile+cudagraphs", marks=needs_cuda),
+]
 
 
 @pytest.fixture

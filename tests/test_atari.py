@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import cal_ql_atari as atari
-from conftest import scalars
+from conftest import FAST_MODES, scalars
 
 GAMMA = 0.99
 
@@ -147,12 +147,40 @@ def test_calibrated_update_equals_plain_cql_when_the_bound_is_very_low():
     torch.testing.assert_close(calibrated_params, plain_params)
 
 
+@pytest.mark.parametrize("mode, device", FAST_MODES)
+def test_fast_train_step_matches_eager(mode, device):
+    """--compile and --cudagraphs wrap the same update: same metrics and parameters over warm-up, capture and replays."""
+    store, rng = frame_store(40, terminal_at=[19], episode_end_at=[39]), np.random.default_rng(0)
+    batches = [atari.to_torch(store.sample(4, rng), device) for _ in range(6)]
+
+    def run(flags):
+        torch.manual_seed(1)
+        qf, qf_target = atari.QNetwork(3).to(device), atari.QNetwork(3).to(device)
+        args = atari.Args(**flags)
+        optimizer = torch.optim.Adam(qf.parameters(), lr=args.learning_rate, eps=0.01 / 32, capturable=args.cudagraphs)  # the script's
+        step = atari.make_train_step(qf, qf_target, optimizer, args)
+        return [{k: v.clone() for k, v in step(batch).items()} for batch in batches], qf.state_dict()
+
+    (eager, eager_params), (fast, fast_params) = run({}), run(mode)
+    for e, f in zip(eager, fast):
+        for key in e:
+            torch.testing.assert_close(f[key], e[key], rtol=1e-4, atol=1e-5, msg=key)
+    for key in eager_params:
+        torch.testing.assert_close(fast_params[key], eager_params[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
 def test_non_finite_loss_stops_the_run_naming_the_loss_and_step(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
     metrics = {"losses/td_loss": torch.tensor(1.0), "losses/cql_loss": torch.tensor(float("nan"))}
     with SummaryWriter(tmp_path) as writer, pytest.raises(SystemExit, match="losses/cql_loss is nan at gradient step 7"):
         atari.log_metrics(writer, metrics, global_step=7, start_time=0.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+def test_cudagraphs_without_a_gpu_is_one_clear_error(run_script):
+    proc = run_script("cal_ql_atari.py", "--cudagraphs", check=False)
+    assert proc.returncode != 0 and "error: --cudagraphs replays CUDA graphs and needs a CUDA GPU" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_unknown_env_id_is_one_clear_error():

@@ -8,6 +8,7 @@ import torch
 
 import cal_ql_continuous as calql
 import cql_continuous as cql
+from conftest import FAST_MODES
 
 OBS, ACT, B = 5, 3, 16
 
@@ -109,18 +110,42 @@ def test_critics_evaluate_both_networks_in_one_batched_call():
     assert not torch.allclose(q[0], q[1])  # independently initialised
 
 
-def test_compiled_update_matches_eager():
-    """--compile runs the same update function through torch.compile: same losses and parameters."""
+def make_buffer(n, device, seed):
+    torch.manual_seed(seed)
+    buffer = calql.ReplayBuffer(n, OBS, ACT, device)
+    buffer.add({"obs": torch.randn(n, OBS), "actions": torch.rand(n, ACT) * 2 - 1, "rewards": torch.randn(n),
+                "next_obs": torch.randn(n, OBS), "terminals": (torch.rand(n) < 0.2).float(), "mc_returns": torch.randn(n)})
+    return buffer
 
-    def run(update_fn):
-        agent, args, batch, _ = make({"cql_lagrange": True}, seed=4)
-        optimizer = agent.make_optimizer(args)
-        metrics = [update_fn(agent, optimizer, batch, calql.draw_noise(B, args.cql_n_actions, ACT, "cpu"), args) for _ in range(3)]
+
+def test_buffer_samples_only_filled_rows_and_sees_growth_without_a_host_read():
+    buffer = calql.ReplayBuffer(10, 1, 1, "cpu")
+    add = lambda values: buffer.add({k: torch.tensor(values, dtype=torch.float32).reshape(len(values), *v.shape[1:])
+                                     for k, v in buffer.data.items()})
+    add([1.0, 2.0])
+    assert set(buffer.sample(200)["rewards"].tolist()) == {1.0, 2.0}
+    add([3.0] * 9)  # 11 rows into 10: FIFO overwrites the oldest
+    assert set(buffer.sample(500)["rewards"].tolist()) == {2.0, 3.0}
+    assert buffer.size_on_device.item() == buffer.size == 10
+
+
+@pytest.mark.parametrize("mode, device", FAST_MODES)
+def test_fast_train_step_matches_eager(mode, device):
+    """--compile and --cudagraphs wrap the same update: from one seed, same losses and parameters as the eager
+    step for warm-up, capture and replays, batches mixed from two buffers as online."""
+
+    def run(flags):
+        offline, online = make_buffer(64, device, seed=1), make_buffer(8, device, seed=2)
+        agent, args, _, _ = make({"cql_lagrange": True, "batch_size": B, **flags}, seed=4)
+        agent.to(device)
+        step = calql.make_train_step(agent, agent.make_optimizer(args), [(offline, B // 2), (online, B // 2)], args)
+        torch.manual_seed(5)
+        metrics = [{k: v.clone() for k, v in step().items()} for _ in range(6)]
         return metrics, agent.state_dict()
 
-    (eager, eager_params), (compiled, compiled_params) = run(calql.update), run(torch.compile(calql.update))
-    for e, c in zip(eager, compiled):
+    (eager, eager_params), (fast, fast_params) = run({}), run(mode)
+    for e, f in zip(eager, fast):
         for key in e:
-            torch.testing.assert_close(c[key], e[key], rtol=1e-4, atol=1e-5, msg=key)
+            torch.testing.assert_close(f[key], e[key], rtol=1e-4, atol=1e-5, msg=key)
     for key in eager_params:
-        torch.testing.assert_close(compiled_params[key], eager_params[key], rtol=1e-4, atol=1e-6, msg=key)
+        torch.testing.assert_close(fast_params[key], eager_params[key], rtol=1e-4, atol=1e-6, msg=key)

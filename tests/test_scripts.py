@@ -5,6 +5,7 @@ import ctypes.util
 import difflib
 
 import pytest
+import torch
 
 from conftest import REPO, TINY, scalars
 
@@ -62,6 +63,7 @@ def test_checkpoint_of_other_network_sizes_is_refused(run_script, pointmaze_data
         (["--dataset-path", "missing.hdf5"], "error: dataset file missing.hdf5 not found"),
         (["--reward-scale", "1e39", "--offline-steps", "10"], "error: qf_loss became nan by gradient step 5"),
         (["--mixing-ratio", "1.5"], "error: --mixing-ratio 1.5 is the offline share of a batch"),
+        pytest.param(["--cudagraphs"], "error: --cudagraphs replays CUDA graphs and needs a CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
     ],
 )
 def test_bad_input_stops_with_one_clear_line(flags, message, run_script, pointmaze_data_dir):
