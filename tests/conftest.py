@@ -23,6 +23,29 @@ FAST_MODES = [
 ]
 
 
+def host_reads(fn) -> list[str]:
+    """Run fn() and return where each op that reads a tensor value on the host (a GPU sync, which CUDA-graph
+    capture forbids) was called from: the innermost frame outside torch's dispatch and dynamo wrappers."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    syncing = ("_local_scalar_dense", "nonzero", "is_nonzero", "masked_select", "unique", "equal")
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if any(name in str(func) for name in syncing):
+                wrappers = ("torch/utils/_python_dispatch", "torch/_dynamo", "torch/_compile", "torch/optim/optimizer.py")
+                frames = [f for f in traceback.extract_stack()[:-1] if not any(w in f.filename for w in wrappers)]
+                reads.append(f"{frames[-1].filename}:{frames[-1].lineno}")
+            return func(*args, **(kwargs or {}))
+
+    reads = []
+    with Recorder():
+        fn()
+    return reads
+
+
 @pytest.fixture
 def d4rl_file(tmp_path):
     """Write a D4RL-format HDF5 file from arrays; returns its path."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import cal_ql_atari as atari
-from conftest import FAST_MODES, scalars
+from conftest import FAST_MODES, host_reads, scalars
 
 GAMMA = 0.99
 
@@ -175,6 +175,18 @@ def test_non_finite_loss_stops_the_run_naming_the_loss_and_step(tmp_path):
     metrics = {"losses/td_loss": torch.tensor(1.0), "losses/cql_loss": torch.tensor(float("nan"))}
     with SummaryWriter(tmp_path) as writer, pytest.raises(SystemExit, match="losses/cql_loss is nan at gradient step 7"):
         atari.log_metrics(writer, metrics, global_step=7, start_time=0.0)
+
+
+def test_update_reads_nothing_on_the_host_but_cpu_adams_step_count():
+    """The update --cudagraphs captures must not sync with the host (capturable Adam keeps its counter on the GPU)."""
+    store = frame_store(40, terminal_at=[19], episode_end_at=[39])
+    qf, qf_target = atari.QNetwork(3), atari.QNetwork(3)
+    args = atari.Args()
+    step = atari.make_train_step(qf, qf_target, torch.optim.Adam(qf.parameters(), lr=args.learning_rate), args)
+    batch = atari.to_torch(store.sample(4, np.random.default_rng(0)), "cpu")
+    step(batch)
+    reads = host_reads(lambda: step(batch))
+    assert reads and all("torch/optim/adam.py" in where for where in reads), reads
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")

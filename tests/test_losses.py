@@ -8,7 +8,7 @@ import torch
 
 import cal_ql_continuous as calql
 import cql_continuous as cql
-from conftest import FAST_MODES
+from conftest import FAST_MODES, host_reads
 
 OBS, ACT, B = 5, 3, 16
 
@@ -120,8 +120,10 @@ def make_buffer(n, device, seed):
 
 def test_buffer_samples_only_filled_rows_and_sees_growth_without_a_host_read():
     buffer = calql.ReplayBuffer(10, 1, 1, "cpu")
-    add = lambda values: buffer.add({k: torch.tensor(values, dtype=torch.float32).reshape(len(values), *v.shape[1:])
-                                     for k, v in buffer.data.items()})
+
+    def add(rewards):
+        buffer.add({**{k: torch.zeros(len(rewards), *v.shape[1:]) for k, v in buffer.data.items()}, "rewards": torch.tensor(rewards)})
+
     add([1.0, 2.0])
     assert set(buffer.sample(200)["rewards"].tolist()) == {1.0, 2.0}
     add([3.0] * 9)  # 11 rows into 10: FIFO overwrites the oldest
@@ -149,3 +151,15 @@ def test_fast_train_step_matches_eager(mode, device):
             torch.testing.assert_close(f[key], e[key], rtol=1e-4, atol=1e-5, msg=key)
     for key in eager_params:
         torch.testing.assert_close(fast_params[key], eager_params[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_train_step_reads_nothing_on_the_host_but_cpu_adams_step_count():
+    """What --cudagraphs captures must not sync with the host: sampling (against the device-side buffer size),
+    noise, losses, backward and Polyak read no value. The one read left on CPU is Adam's step counter, which the
+    capturable Adam of --cudagraphs keeps on the GPU."""
+    offline, online = make_buffer(64, "cpu", seed=1), make_buffer(8, "cpu", seed=2)
+    agent, args, _, _ = make({"cql_lagrange": True, "batch_size": B})
+    step = calql.make_train_step(agent, agent.make_optimizer(args), [(offline, B // 2), (online, B // 2)], args)
+    step()  # Adam's state exists from here on, as after the warm-up of --cudagraphs
+    reads = host_reads(step)
+    assert reads and all("torch/optim/adam.py" in where for where in reads), reads
