@@ -23,6 +23,16 @@ FAST_MODES = [
 ]
 
 
+def assert_same_training(run, reference):
+    """Two runs, each (metrics of every step, final state_dict), took the same steps up to float tolerance."""
+    (metrics, params), (ref_metrics, ref_params) = run, reference
+    for step, ref_step in zip(metrics, ref_metrics, strict=True):
+        for key in ref_step:
+            torch.testing.assert_close(step[key], ref_step[key], rtol=1e-4, atol=1e-5, msg=key)
+    for key in ref_params:
+        torch.testing.assert_close(params[key], ref_params[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
 def host_reads(fn) -> list[str]:
     """Run fn() and return where each op that reads a tensor value on the host (a GPU sync, which CUDA-graph
     capture forbids) was called from: the innermost frame outside torch's dispatch and dynamo wrappers."""

@@ -8,7 +8,7 @@ import torch
 
 import cal_ql_continuous as calql
 import cql_continuous as cql
-from conftest import FAST_MODES, host_reads
+from conftest import FAST_MODES, assert_same_training, host_reads
 
 OBS, ACT, B = 5, 3, 16
 
@@ -145,12 +145,7 @@ def test_fast_train_step_matches_eager(mode, device):
         metrics = [{k: v.clone() for k, v in step().items()} for _ in range(6)]
         return metrics, agent.state_dict()
 
-    (eager, eager_params), (fast, fast_params) = run({}), run(mode)
-    for e, f in zip(eager, fast):
-        for key in e:
-            torch.testing.assert_close(f[key], e[key], rtol=1e-4, atol=1e-5, msg=key)
-    for key in eager_params:
-        torch.testing.assert_close(fast_params[key], eager_params[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert_same_training(run(mode), reference=run({}))
 
 
 def test_train_step_reads_nothing_on_the_host_but_cpu_adams_step_count():
