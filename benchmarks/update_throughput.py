@@ -13,6 +13,7 @@ updates/s over --steps timed updates (warm-up, compilation and graph capture exc
 peak memory (GPU: max allocated; CPU: the process's max resident set so far).
 """
 
+import gc
 import os
 import resource
 import sys
@@ -40,7 +41,7 @@ WORKLOADS = {  # name -> (obs_dim, action_dim, Args overrides)
 
 @dataclass
 class Args:
-    workloads: list[str] = field(default_factory=lambda: ["W-antmaze", "adroit"])
+    workloads: list[Literal["W-antmaze", "adroit", "custom", "atari"]] = field(default_factory=lambda: ["W-antmaze", "adroit"])
     """named workloads: W-antmaze, adroit, custom (the shape flags below), atari (cal_ql_atari.py, batch 32)"""
     modes: list[Literal["eager", "compile", "cudagraphs", "compile+cudagraphs"]] = field(default_factory=lambda: ["eager"])
     """eager: the scripts' default path; compile: --compile; cudagraphs: --cudagraphs (GPU only); compile+cudagraphs: both"""
@@ -149,14 +150,26 @@ if __name__ == "__main__":
     device = torch.device(args.device)
     torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32" if args.tf32 else "ieee"
     print(f"torch {torch.__version__}, device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {torch.get_num_threads()} threads"))
+    failures = 0
     for name in args.workloads:
         for mode in args.modes:
             flags = {"compile": "compile" in mode, "cudagraphs": "cudagraphs" in mode}
             if flags["cudagraphs"] and device.type != "cuda":
                 print(f"{name:10s} {mode:18s} {device.type:5s} skipped: CUDA graphs need a CUDA device")
                 continue
+            step = None  # free the previous configuration first, so each peak memory is its own
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
             torch.manual_seed(0)
-            step = atari_step(args, device, flags) if name == "atari" else continuous_step(args, name, device, flags)
-            updates_per_s, warmup_s = time_updates(step, args, device)
+            try:
+                step = atari_step(args, device, flags) if name == "atari" else continuous_step(args, name, device, flags)
+                updates_per_s, warmup_s = time_updates(step, args, device)
+            except Exception as e:  # one broken mode must not hide the figures of the others
+                failures += 1
+                print(f"{name:10s} {mode:18s} {device.type:5s} FAILED: {type(e).__name__}: {(str(e) or '-').splitlines()[0]}")
+                continue
             print(f"{name:10s} {mode:18s} {device.type:5s} {updates_per_s:9.1f} updates/s   "
                   f"warm-up {args.warmup} steps {warmup_s:6.1f} s   peak memory {peak_memory_mb(device):8.0f} MB")
+    sys.exit(1 if failures else 0)
