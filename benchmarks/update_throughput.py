@@ -154,8 +154,9 @@ if __name__ == "__main__":
     for name in args.workloads:
         for mode in args.modes:
             flags = {"compile": "compile" in mode, "cudagraphs": "cudagraphs" in mode}
+            line = f"{name:10s} {mode:18s} {device.type:5s}"
             if flags["cudagraphs"] and device.type != "cuda":
-                print(f"{name:10s} {mode:18s} {device.type:5s} skipped: CUDA graphs need a CUDA device")
+                print(f"{line} skipped: CUDA graphs need a CUDA device")
                 continue
             step = None  # free the previous configuration first, so each peak memory is its own
             gc.collect()
@@ -168,8 +169,8 @@ if __name__ == "__main__":
                 updates_per_s, warmup_s = time_updates(step, args, device)
             except Exception as e:  # one broken mode must not hide the figures of the others
                 failures += 1
-                print(f"{name:10s} {mode:18s} {device.type:5s} FAILED: {type(e).__name__}: {(str(e) or '-').splitlines()[0]}")
+                print(f"{line} FAILED: {type(e).__name__}: {(str(e) or '-').splitlines()[0]}")
                 continue
-            print(f"{name:10s} {mode:18s} {device.type:5s} {updates_per_s:9.1f} updates/s   "
+            print(f"{line} {updates_per_s:9.1f} updates/s   "
                   f"warm-up {args.warmup} steps {warmup_s:6.1f} s   peak memory {peak_memory_mb(device):8.0f} MB")
     sys.exit(1 if failures else 0)
