@@ -195,10 +195,11 @@ def atari_replay_logs(tmp_path):
     return write
 
 
-def scalars(run_dir) -> dict:
-    """The steps at which each TensorBoard scalar of a run was written."""
+def scalars(run_dir, with_values=False) -> dict:
+    """The steps (or (step, value) pairs) at which each TensorBoard scalar of a run was written, as TensorBoard shows
+    them: points that a resumed run rewrote (purge_step) are dropped."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir))
     events.Reload()
-    return {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    return {tag: [(e.step, e.value) if with_values else e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
