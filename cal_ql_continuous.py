@@ -428,11 +428,13 @@ class ReplayBuffer:
         self.pos = state["pos"]
 
 
-def make_train_step(agent: Agent, optimizer: torch.optim.Optimizer, sources: list[tuple[ReplayBuffer, int]], args: Args):
-    """A function doing one gradient step on a fresh batch (`rows` transitions from each (buffer, rows) source) and
-    fresh noise. --compile and --cudagraphs wrap the same `update`; the eager path is the plain function."""
+def make_train_step(agent: Agent, optimizer: torch.optim.Optimizer, args: Args, offline_buffer: ReplayBuffer, online_buffer: ReplayBuffer | None = None):
+    """A function doing one gradient step on a fresh batch and fresh noise. Offline, every row comes from the offline
+    data; online, a --mixing-ratio share of them, the rest from the online buffer. --compile and --cudagraphs wrap
+    the same `update`; the eager path is the plain function."""
     update_fn = torch.compile(update) if args.compile else update
-    sources = [(buffer, rows) for buffer, rows in sources if rows > 0]
+    n_offline = args.batch_size if online_buffer is None else int(args.batch_size * args.mixing_ratio)
+    sources = [(buffer, rows) for buffer, rows in ((offline_buffer, n_offline), (online_buffer, args.batch_size - n_offline)) if rows > 0]
 
     def train_step() -> dict:
         parts = [buffer.sample(rows) for buffer, rows in sources]
@@ -479,6 +481,16 @@ def collect_episode(env: gym.Env, actor: Actor, device: torch.device) -> tuple[d
     return episode, {"return": float(columns[2].sum()), "length": len(steps), "success": float(success)}
 
 
+def deterministic_policy(actor: Actor, device: torch.device):
+    """The evaluation policy: observation -> tanh(mean), no sampling."""
+
+    def policy(obs):
+        with torch.no_grad():
+            return actor.act(torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0))[0].cpu().numpy()
+
+    return policy
+
+
 @dataclass
 class Progress:
     """Where the run stands: what a resumed run needs besides the networks, the buffers and the random states."""
@@ -488,6 +500,16 @@ class Progress:
     env_steps: int = 0  # online environment steps
     eval_regrets: list[float] = field(default_factory=list)  # 1 - normalized score of each online evaluation
     train_regrets: list[float] = field(default_factory=list)  # 1 - success of each online training episode
+
+    def add_online_evaluation(self, normalized_score: float) -> float:
+        """The paper's cumulative regret: mean over the online evaluations so far of 1 - normalized score."""
+        self.eval_regrets.append(1 - normalized_score)
+        return float(np.mean(self.eval_regrets))
+
+    def add_online_episode(self, success: float) -> float:
+        """The same over the online training episodes (success 0 or 1), logged as charts/train_regret."""
+        self.train_regrets.append(1 - success)
+        return float(np.mean(self.train_regrets))
 
 
 def crossed(before: int, after: int, every: int) -> bool:
@@ -506,10 +528,9 @@ def log_metrics(writer: SummaryWriter, metrics: dict, global_step: int, steps_pe
 
 def log_episode(writer: SummaryWriter, stats: dict, progress: Progress):
     """An online training episode, logged once its updates are done (so a checkpoint covers everything logged)."""
-    progress.train_regrets.append(1 - stats["success"])
     for name, value in stats.items():
         writer.add_scalar(f"charts/episodic_{name}", value, progress.global_step)
-    writer.add_scalar("charts/train_regret", float(np.mean(progress.train_regrets)), progress.global_step)
+    writer.add_scalar("charts/train_regret", progress.add_online_episode(stats["success"]), progress.global_step)
     writer.add_scalar("charts/env_steps", progress.env_steps, progress.global_step)
 
 
@@ -595,7 +616,6 @@ if __name__ == "__main__":
     offline_buffer = ReplayBuffer(len(dataset["rewards"]), obs_dim, action_dim, device)
     offline_buffer.add(label_transitions(dataset, args))
     online_buffer = ReplayBuffer(args.buffer_size, obs_dim, action_dim, device)
-    n_offline = int(args.batch_size * args.mixing_ratio)
 
     agent = Agent(obs_dim, action_dim, args).to(device)
     optimizer = agent.make_optimizer(args)
@@ -614,17 +634,12 @@ if __name__ == "__main__":
     writer = SummaryWriter(run_dir, purge_step=progress.global_step + 1 if resumed else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
-    def policy(obs):
-        with torch.no_grad():
-            return agent.actor.act(torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0))[0].cpu().numpy()
-
     def run_evaluation() -> dict:
         """Evaluate and log at the current gradient step; online evaluations also update the regret."""
-        result = evaluate(eval_env, policy, args.eval_episodes, args.seed + 1_000_000, task.ref_min_score, task.ref_max_score)
+        result = evaluate(eval_env, deterministic_policy(agent.actor, device), args.eval_episodes, args.seed + 1_000_000, task.ref_min_score, task.ref_max_score)
         result["env_steps"] = progress.env_steps
-        if progress.phase == "online":  # the paper's regret: mean over online evaluations of 1 - normalized score
-            progress.eval_regrets.append(1 - result["normalized_score"])
-            result["regret"] = float(np.mean(progress.eval_regrets))
+        if progress.phase == "online":
+            result["regret"] = progress.add_online_evaluation(result["normalized_score"])
         for k, v in result.items():
             writer.add_scalar(f"eval/{k}", v, progress.global_step)
         return result
@@ -653,7 +668,7 @@ if __name__ == "__main__":
             progress.global_step = load_agent(args.pretrained_checkpoint, agent, optimizer)["global_step"]
             print(f"fine-tuning {args.pretrained_checkpoint} (pre-trained for {progress.global_step} gradient steps)")
         else:
-            train_step = make_train_step(agent, optimizer, [(offline_buffer, args.batch_size)], args)
+            train_step = make_train_step(agent, optimizer, args, offline_buffer)
             with tqdm(initial=progress.global_step, total=args.offline_steps, desc="offline", unit="step", mininterval=2) as bar:
                 if not resumed:
                     bar.set_postfix(success=run_evaluation()["success_rate"])
@@ -672,7 +687,7 @@ if __name__ == "__main__":
         env.reset(seed=args.seed)
 
     # ---------------- online fine-tuning: collect, label, update, evaluate ----------------
-    train_step = make_train_step(agent, optimizer, [(offline_buffer, n_offline), (online_buffer, args.batch_size - n_offline)], args)
+    train_step = make_train_step(agent, optimizer, args, offline_buffer, online_buffer)
     with tqdm(initial=progress.env_steps, total=args.online_env_steps, desc="online", unit="env step", mininterval=2) as bar:
         while progress.env_steps < args.online_env_steps and not stop.name:
             episode, stats = collect_episode(env, agent.actor, device)

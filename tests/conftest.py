@@ -56,6 +56,22 @@ def host_reads(fn) -> list[str]:
     return reads
 
 
+def reference_mc_returns(rewards, terminals, episode_ends, gamma, failure_reward=None):
+    """Straightforward per-trajectory loop, for comparison."""
+    out, start = np.zeros(len(rewards)), 0
+    for end in np.flatnonzero(episode_ends):
+        r, d = rewards[start : end + 1], terminals[start : end + 1]
+        if failure_reward is not None and np.all(r == failure_reward):
+            out[start : end + 1] = failure_reward / (1 - gamma)
+        else:
+            g = 0.0
+            for t in reversed(range(len(r))):
+                g = r[t] + gamma * (1 - d[t]) * g
+                out[start + t] = g
+        start = end + 1
+    return out
+
+
 @pytest.fixture
 def d4rl_file(tmp_path):
     """Write a D4RL-format HDF5 file from arrays; returns its path."""
