@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from utils.datasets import collect_pointmaze_dataset, register_robotics_envs, write_d4rl_hdf5
+from utils.datasets import write_d4rl_hdf5
+from utils.pointmaze import collect_pointmaze_dataset
+from utils.tasks import register_robotics_envs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,7 +157,7 @@ def minari_pointmaze(minari_store):
 def pointmaze_data_dir(tmp_path_factory):
     """The embedded task's dataset, collected once per test session (a smaller one than the default)."""
     folder = tmp_path_factory.mktemp("datasets")
-    collect_pointmaze_dataset(str(folder / "pointmaze-umaze.hdf5"), n_transitions=5_000)
+    write_d4rl_hdf5(str(folder / "pointmaze-umaze.hdf5"), collect_pointmaze_dataset(n_transitions=5_000))
     return str(folder)
 
 

@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from utils.datasets import DatasetError, check_dataset_fits_env, get_task, load_d4rl_hdf5, load_dataset, load_minari, make_env
+from utils import DatasetError
+from utils.datasets import load_d4rl_hdf5, load_dataset, load_minari
+from utils.tasks import check_dataset_fits_env, get_task, make_env
 
 
 def d4rl_arrays(n=6, with_next=True):
