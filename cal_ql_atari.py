@@ -27,9 +27,9 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from utils import DatasetError
 from utils.atari_data import builtin_replay_dir, load_replay_logs, make_env
 from utils.evaluation import epsilon_greedy, evaluate
+from utils.validation import DatasetError
 
 FRAME_STACK = 4
 

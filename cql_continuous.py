@@ -23,10 +23,10 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from utils import DatasetError
 from utils.datasets import load_dataset
 from utils.evaluation import evaluate
 from utils.tasks import TASKS, check_dataset_fits_env, get_task, make_env
+from utils.validation import DatasetError
 
 
 @dataclass

@@ -148,9 +148,13 @@ def stack(frames):
 @pytest.fixture
 def minari_pointmaze(minari_store):
     """A two-episode Minari dataset recorded on the embedded PointMaze env (dict observations), in a temp store."""
+    return "test/pointmaze/random-v0", minari_store("test/pointmaze/random-v0", pointmaze_env(), [5, 5])
+
+
+def pointmaze_env() -> gym.Env:
+    """The embedded task's gymnasium env, raw (dict observations), 5 steps per episode."""
     register_robotics_envs()
-    env = gym.make("PointMaze_UMaze-v3", continuing_task=False, max_episode_steps=5)
-    return "test/pointmaze/random-v0", minari_store("test/pointmaze/random-v0", env, [5, 5])
+    return gym.make("PointMaze_UMaze-v3", continuing_task=False, max_episode_steps=5)
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,9 @@ import torch
 
 import cal_ql_atari as atari
 from conftest import FAST_MODES, assert_same_training, host_reads, scalars
-from utils import DatasetError
 from utils.atari_data import load_replay_logs, make_env
 from utils.evaluation import epsilon_greedy, evaluate
+from utils.validation import DatasetError
 
 GAMMA = 0.99
 
@@ -65,13 +65,26 @@ def test_replay_loader_cuts_a_full_circular_buffer_at_its_cursor(atari_replay_lo
     assert np.flatnonzero(load_replay_logs(folder, (0,))["episode_ends"]).tolist() == [2, 7]
 
 
-@pytest.mark.parametrize("broken", ["missing", "not_gzip", "wrong_frame_shape", "short_rewards"])
+BROKEN_REPLAY = {  # what is broken -> (the file named, the problem stated)
+    "missing": ("reward", "missing"),
+    "not_gzip": ("terminal", "cannot read"),
+    "wrong_frame_shape": ("observation", "has shape (5, 64, 64), expected (n, 84, 84)"),
+    "wrong_frame_dtype": ("observation", "has dtype float32, expected uint8"),
+    "short_rewards": ("reward", "has 3 rows but $store$_observation_ckpt.0.gz has 5"),
+    "nan_rewards": ("reward", "is not finite at row 2 (1 of 5 rows)"),
+    "actions_of_rank_2": ("action", "has shape (5, 1), expected (n)"),
+}
+
+
+@pytest.mark.parametrize("broken", BROKEN_REPLAY)
 def test_unreadable_replay_file_is_one_error_line_naming_the_file_and_layout(atari_replay_logs, broken):
     data = numbered_replay(5)
     data["observation"] = data["observation"][:, :64, :64] if broken == "wrong_frame_shape" else data["observation"]
+    data["observation"] = data["observation"].astype(np.float32) if broken == "wrong_frame_dtype" else data["observation"]
     data["reward"] = data["reward"][:3] if broken == "short_rewards" else data["reward"]
+    data["reward"][2] = np.nan if broken == "nan_rewards" else data["reward"][2]
+    data["action"] = data["action"][:, None] if broken == "actions_of_rank_2" else data["action"]
     folder = atari_replay_logs(0, **data)
-    bad_file = {"missing": "reward", "not_gzip": "terminal"}.get(broken)
     if broken == "missing":
         (folder / "$store$_reward_ckpt.0.gz").unlink()
     if broken == "not_gzip":
@@ -80,8 +93,15 @@ def test_unreadable_replay_file_is_one_error_line_naming_the_file_and_layout(ata
         load_replay_logs(folder, (0,))
     message = str(error.value)
     assert "\n" not in message and "expected <replay-dir>/$store$_" in message
-    expected_file = {"wrong_frame_shape": "observation", "short_rewards": "reward"}.get(broken, bad_file)
-    assert f"$store$_{expected_file}_ckpt.0.gz" in message
+    bad_file, problem = BROKEN_REPLAY[broken]
+    assert f"$store$_{bad_file}_ckpt.0.gz" in message and problem in message, message
+
+
+@pytest.mark.parametrize("rows", [0, 1])
+def test_replay_without_a_complete_transition_is_refused(atari_replay_logs, rows):
+    folder = atari_replay_logs(0, **numbered_replay(rows))  # one row without a terminal has no next frame
+    with pytest.raises(DatasetError, match="holds no transition: it is empty" if rows == 0 else "hold no complete transition"):
+        load_replay_logs(folder, (0,))
 
 
 # ---------------- frame stacks ----------------

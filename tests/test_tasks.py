@@ -14,10 +14,10 @@ from gymnasium_robotics.envs.franka_kitchen.kitchen_env import OBS_ELEMENT_GOALS
 from gymnasium_robotics.utils.rotations import euler2quat
 
 from conftest import TINY, scalars
-from utils import DatasetError
 from utils.datasets import load_dataset
 from utils.evaluation import evaluate
 from utils.tasks import ANTMAZE_EVAL_MAPS, TASKS, check_dataset_fits_env, make_env, register_robotics_envs
+from utils.validation import DatasetError
 
 SHAPES = {  # observation dim, action dim, horizon
     "pen-binary-v0": (45, 24, 100), "door-binary-v0": (39, 28, 200), "relocate-binary-v0": (39, 30, 200),

@@ -16,14 +16,15 @@ import gymnasium as gym
 import numpy as np
 from tqdm import tqdm
 
-from utils import DatasetError
+from utils.validation import DatasetError, check_arrays
 
 gym.register_envs(ale_py)
 REPLAY_LAYOUT = (
     "expected <replay-dir>/$store$_{observation,action,reward,terminal}_ckpt.<N>.gz, each np.save output written "
     "through gzip: observation uint8 [n,84,84], action int32 [n], reward float32 [n], terminal uint8 [n]"
 )
-FILE_DTYPES = dict(observation=np.uint8, action=np.int32, reward=np.float32, terminal=np.uint8)
+FILE_DTYPES = dict(observation=np.uint8, action=np.int32, reward=np.float32, terminal=np.uint8)  # as written
+REPLAY_ROWS = dict(observation=((84, 84), np.dtype(np.uint8)), action=((), "iu"), reward=((), "iuf"), terminal=((), "biu"))
 
 
 def make_env(env_id, seed, max_episode_steps=None, render_mode=None):
@@ -61,27 +62,27 @@ def load_replay_logs(replay_dir, checkpoints, transitions_per_checkpoint=None) -
     """Concatenate checkpoints of a DQN Replay `replay_logs` folder; every checkpoint's last step ends a trajectory."""
     replay_dir, chunks = Path(replay_dir), []
     for ckpt in checkpoints:
-        file = {k: replay_dir / f"$store$_{k}_ckpt.{ckpt}.gz" for k in ("observation", "action", "reward", "terminal")}
+        file = {k: replay_dir / f"$store$_{k}_ckpt.{ckpt}.gz" for k in FILE_DTYPES}
         small = {k: read_npy_gz(file[k]) for k in ("action", "reward", "terminal")}
         n = len(small["action"])
         rows = n if transitions_per_checkpoint is None else min(n, transitions_per_checkpoint)
-        episode_ends = np.zeros(n, bool)
         count_file = replay_dir / f"add_count_ckpt.{ckpt}.gz"  # Dopamine's circular-buffer cursor, when present
-        if count_file.exists():
-            add_count = int(np.load(gzip.open(count_file)))
-            rows = min(rows, add_count)  # a buffer that never filled up: the rest is empty
-            if add_count > n:  # a full circular buffer: its newest step is followed by its oldest one
-                episode_ends[add_count % n - 1] = True
+        add_count = int(np.load(gzip.open(count_file))) if count_file.exists() else n
+        rows = min(rows, add_count)  # a buffer that never filled up: the rest is empty
+        arrays = {"observation": read_npy_gz(file["observation"], rows), **{k: v[:rows] for k, v in small.items()}}
+        check_arrays({file[k].name: v for k, v in arrays.items()}, str(replay_dir),
+                     {file[k].name: REPLAY_ROWS[k] for k in arrays}, hint=REPLAY_LAYOUT)
+        episode_ends = np.zeros(n, bool)
+        if add_count > n:  # a full circular buffer: its newest step is followed by its oldest one
+            episode_ends[add_count % n - 1] = True
         episode_ends[rows - 1] = True
-        arrays = {"observation": read_npy_gz(file["observation"], rows), **small}
-        for k, v in arrays.items():
-            frame_shape, frame_dtype = ((84, 84), np.uint8) if k == "observation" else ((), v.dtype)
-            if v.shape[1:] != frame_shape or v.dtype != frame_dtype or len(v) < rows:
-                raise DatasetError(f"{file[k]} has shape {v.shape} and dtype {v.dtype}; {REPLAY_LAYOUT}")
-        chunks.append([v[:rows] for v in arrays.values()] + [episode_ends[:rows]])
+        chunks.append(list(arrays.values()) + [episode_ends[:rows]])
     # a single checkpoint is used as read: no second copy of the frames
     frames, actions, rewards, terminals, ends = (np.concatenate(c) if len(c) > 1 else c[0] for c in zip(*chunks))
     terminals, ends = terminals.astype(bool), ends | terminals.astype(bool)
+    if not (terminals | ~ends).any():  # what the frame store can sample: a terminal, or a step with a next frame
+        raise DatasetError(f"{replay_dir}: checkpoints {checkpoints} hold no complete transition (every trajectory is one "
+                           "step without a terminal); load more rows per checkpoint")
     returns = np.add.reduceat(rewards, np.flatnonzero(np.r_[True, ends[:-1]]))[terminals[ends]]  # finished episodes
     print(f"offline data: {len(actions)} transitions, {len(returns)} finished episodes, mean return "
           f"{returns.mean() if len(returns) else float('nan'):.1f}")

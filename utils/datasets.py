@@ -14,11 +14,16 @@ import socket
 import gymnasium as gym
 import numpy as np
 
-from utils import DatasetError
 from utils.pointmaze import collect_pointmaze_dataset
 from utils.tasks import TASKS
+from utils.validation import NUMBERS, DatasetError, check_arrays
 
 FIELDS = ("observations", "actions", "rewards", "next_observations", "terminals", "episode_ends")
+# what `check_arrays` expects of a loaded trajectory, and of the raw arrays of a D4RL file
+TRANSITIONS = {"observations": ((None,), "f"), "actions": ((None,), "f"), "rewards": ((), "f"),
+               "next_observations": ("observations", "f"), "terminals": ((), "b"), "episode_ends": ((), "b")}
+D4RL_LAYOUT = {"observations": ((None,), NUMBERS), "actions": ((None,), NUMBERS), "rewards": ((), NUMBERS),
+               "terminals": ((), NUMBERS), "timeouts": ((), NUMBERS), "next_observations": ("observations", NUMBERS)}
 AWAC_FOLDER = "offpolicy_hand_data"
 AWAC_URL = "https://drive.google.com/file/d/1SsVaQKZnY5UkuR78WrInp9XxTdKHbF0x/view"  # the official Cal-QL README's link
 
@@ -78,19 +83,24 @@ def load_d4rl_hdf5(path: str) -> dict:
     missing = [k for k in ("observations", "actions", "rewards", "terminals", "timeouts") if k not in raw]
     if missing:
         raise DatasetError(f"dataset file {path} lacks the D4RL keys {missing}; expected observations, actions, rewards, terminals, timeouts")
-    n = len(raw["rewards"])
-    terminals, timeouts = raw["terminals"].astype(bool).reshape(n), raw["timeouts"].astype(bool).reshape(n)
+    for k in ("rewards", "terminals", "timeouts"):  # a scalar per row may be stored as a column
+        if raw[k].ndim == 2 and raw[k].shape[1] == 1:
+            raw[k] = raw[k][:, 0]
+    n = check_arrays(raw, f"dataset file {path}", D4RL_LAYOUT)
+    terminals, timeouts = raw["terminals"].astype(bool), raw["timeouts"].astype(bool)
     if "next_observations" in raw:
         next_obs = raw["next_observations"]
         keep = ~timeouts
     else:
         next_obs = np.concatenate([raw["observations"][1:], raw["observations"][-1:]])
         keep = ~timeouts & (np.arange(n) < n - 1)
+    if not keep.any():
+        raise DatasetError(f"dataset file {path} holds no complete transition: end each trajectory with terminals or timeouts = 1 on its last row (see docs/data.md)")
     trajectory = np.concatenate([[0], np.cumsum(terminals | timeouts)[:-1]])[keep]
     return {
         "observations": raw["observations"][keep].astype(np.float32),
         "actions": raw["actions"][keep].astype(np.float32),
-        "rewards": raw["rewards"].reshape(n)[keep].astype(np.float32),
+        "rewards": raw["rewards"][keep].astype(np.float32),
         "next_observations": next_obs[keep].astype(np.float32),
         "terminals": terminals[keep],
         "episode_ends": np.append(trajectory[1:] != trajectory[:-1], True),
@@ -112,7 +122,7 @@ def minari_episodes(dataset_id: str) -> list[dict]:
         data = minari.load_dataset(dataset_id)
     except Exception as e:  # minari raises several types for corrupt stores
         raise DatasetError(f"Minari dataset {dataset_id} could not be read ({e}); delete it and download it again") from e
-    return [episode_arrays(ep, data.observation_space) for ep in data.iterate_episodes()]
+    return check_episodes([episode_arrays(ep, data.observation_space) for ep in data.iterate_episodes()], f"Minari dataset {dataset_id}")
 
 
 def download_minari(dataset_id: str):
@@ -132,7 +142,7 @@ def episode_arrays(episode, observation_space: gym.spaces.Space) -> dict:
     terminals = np.asarray(episode.terminations, bool)
     arrays = {
         "observations": obs[:-1],
-        "actions": np.asarray(episode.actions, np.float32).reshape(len(terminals), -1),
+        "actions": as_rows(episode.actions),
         "rewards": np.asarray(episode.rewards, np.float32),
         "next_observations": obs[1:],
         "terminals": terminals,
@@ -141,6 +151,19 @@ def episode_arrays(episode, observation_space: gym.spaces.Space) -> dict:
     if "success" in (episode.infos or {}):  # recorded after reset (T+1 entries) or per step (T): keep the steps'
         arrays["success"] = np.asarray(episode.infos["success"], bool).reshape(-1)[-len(terminals) :]
     return arrays
+
+
+def as_rows(values) -> np.ndarray:
+    """float32, one row per step (a checked dataset can then tell a wrong row count from a wrong row size)."""
+    array = np.asarray(values, np.float32)
+    return array.reshape(len(array), -1)
+
+
+def check_episodes(episodes: list[dict], source: str) -> list[dict]:
+    """Each trajectory as `check_arrays` checks it, named by its index in the source."""
+    for i, episode in enumerate(episodes):
+        check_arrays(episode, f"{source}, trajectory {i}", TRANSITIONS)
+    return episodes
 
 
 def flatten_observations(obs, space: gym.spaces.Space) -> np.ndarray:
@@ -199,9 +222,10 @@ def load_awac_episodes(folder: str, files: tuple[str, ...]) -> list[dict]:
     for name in files:
         path = os.path.join(folder, name)
         try:
-            episodes += [awac_episode(trajectory) for trajectory in np.load(path, allow_pickle=True)]
+            trajectories = [awac_episode(trajectory) for trajectory in np.load(path, allow_pickle=True)]
         except (OSError, ValueError, KeyError, TypeError, IndexError, EOFError, pickle.UnpicklingError) as e:
             raise DatasetError(f"{path} is not an AWAC trajectory file ({type(e).__name__}: {e}); download it again") from e
+        episodes += check_episodes(trajectories, path)
     return episodes
 
 
@@ -213,7 +237,7 @@ def awac_episode(trajectory: dict) -> dict:
     n = len(obs)
     return {
         "observations": obs,
-        "actions": np.asarray(trajectory["actions"], np.float32).reshape(n, -1),
+        "actions": as_rows(trajectory["actions"]),
         "rewards": np.asarray(trajectory["rewards"], np.float32).reshape(-1)[:n],
         "next_observations": next_obs,
         "terminals": np.zeros(n, bool),

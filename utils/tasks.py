@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import gymnasium as gym
 import numpy as np
 
-from utils import DatasetError
+from utils.validation import DatasetError
 
 
 @dataclass(frozen=True)
