@@ -1,10 +1,13 @@
 """Dataset loaders on small files written in the real formats, the embedded task, and their error messages."""
 
+import os
+
+import h5py
 import numpy as np
 import pytest
 
 from conftest import pointmaze_env
-from utils.datasets import load_d4rl_hdf5, load_dataset, load_minari
+from utils.datasets import load_d4rl_hdf5, load_dataset, load_minari, write_d4rl_hdf5
 from utils.tasks import check_dataset_fits_env, get_task, make_env
 from utils.validation import DatasetError
 
@@ -156,3 +159,30 @@ def test_a_script_given_a_malformed_file_stops_with_the_one_error_line(run_scrip
     proc = run_script("cal_ql_continuous.py", "--env-id", "PointMaze_UMaze-v3", "--dataset-path", path, check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == f"error: dataset file {path}: rewards has 5 rows but observations has 6: every field needs one row per transition"
+
+
+def test_concurrent_writers_of_one_file_each_rename_their_own_complete_file(tmp_path, monkeypatch):
+    """Two grid workers collecting the embedded dataset at once: each writes a temporary file of its own in the target
+    folder and renames it; the reader always finds a complete file, and no temporary file is left."""
+    renamed, real_replace = [], os.replace
+
+    def replace(src, dst):
+        renamed.append(src)
+        assert_file_holds(src, d4rl_arrays())  # complete before it is renamed
+        if len(renamed) == 1:  # the other worker renames its file while this one is still writing
+            write_d4rl_hdf5(dst, d4rl_arrays())
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "pointmaze-umaze.hdf5"
+    write_d4rl_hdf5(str(target), d4rl_arrays())
+    assert len(set(renamed)) == 2 and all(os.path.dirname(src) == str(tmp_path) for src in renamed)
+    assert_file_holds(target, d4rl_arrays())
+    assert os.listdir(tmp_path) == [target.name]
+
+
+def assert_file_holds(path, arrays):
+    with h5py.File(path, "r") as f:
+        assert sorted(f) == sorted(arrays)
+        for k, v in arrays.items():
+            np.testing.assert_array_equal(f[k][()], v)

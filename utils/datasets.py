@@ -10,6 +10,7 @@ and environment always agree.
 import os
 import pickle
 import socket
+import tempfile
 
 import gymnasium as gym
 import numpy as np
@@ -49,7 +50,7 @@ def load_dataset(env_id: str, dataset_path: str | None, dataset_id: str | None, 
         return concatenate(episodes)
     if env_id == "pointmaze-umaze":
         path = os.path.join(dataset_dir, "pointmaze-umaze.hdf5")
-        if not os.path.exists(path):  # collected once, then cached
+        if not os.path.exists(path):  # collected once, then cached; workers collecting at once write identical files
             write_d4rl_hdf5(path, collect_pointmaze_dataset())
         return load_d4rl_hdf5(path)
     raise DatasetError(f"no dataset known for {env_id}")
@@ -250,11 +251,20 @@ def state_vectors(observations) -> np.ndarray:
 
 
 def write_d4rl_hdf5(path: str, data: dict):
-    """Write arrays under their D4RL keys (used for the embedded dataset)."""
+    """Write arrays under their D4RL keys (used for the embedded dataset), atomically: into a temporary file of its
+    own in the same folder, then renamed. A crash mid-write leaves no half file behind, and processes that write the
+    same file at once (grid workers collecting the embedded dataset) each rename a complete file: the last one wins."""
     import h5py
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with h5py.File(path + ".tmp", "w") as f:
-        for k, v in data.items():
-            f.create_dataset(k, data=v, compression="gzip")
-    os.replace(path + ".tmp", path)  # a crash mid-write never leaves a half file behind
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")  # unique, even across hosts
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            for k, v in data.items():
+                f.create_dataset(k, data=v, compression="gzip")
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
