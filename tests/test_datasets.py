@@ -26,17 +26,37 @@ def d4rl_arrays(n=6, with_next=True):
 
 def test_d4rl_hdf5_drops_timeout_transitions_and_marks_trajectory_ends(d4rl_file):
     data = load_d4rl_hdf5(d4rl_file(**d4rl_arrays()))
-    np.testing.assert_array_equal(data["rewards"], [0, 1, 2, 3, 5])  # row 4 (the timeout) is gone
-    np.testing.assert_array_equal(data["terminals"], [0, 1, 0, 0, 0])
-    np.testing.assert_array_equal(data["episode_ends"], [0, 1, 0, 1, 1])
+    np.testing.assert_array_equal(data["rewards"], [0, 1, 2, 3])  # row 4 (the timeout) is gone, row 5 never ends
+    np.testing.assert_array_equal(data["terminals"], [0, 1, 0, 0])
+    np.testing.assert_array_equal(data["episode_ends"], [0, 1, 0, 1])
     np.testing.assert_array_equal(data["next_observations"], data["observations"] + 100)
     assert all(data[k].dtype == np.float32 for k in ("observations", "actions", "rewards", "next_observations"))
 
 
 def test_d4rl_hdf5_without_next_observations_uses_the_following_row(d4rl_file):
     data = load_d4rl_hdf5(d4rl_file(**d4rl_arrays(with_next=False)))
-    np.testing.assert_array_equal(data["rewards"], [0, 1, 2, 3])  # the last row has no successor
+    np.testing.assert_array_equal(data["rewards"], [0, 1, 2, 3])
     np.testing.assert_array_equal(data["next_observations"][2], data["observations"][3])
+
+
+@pytest.mark.parametrize("with_next", [True, False])
+@pytest.mark.parametrize(
+    "terminals, timeouts, rows, episode_ends",
+    [  # the official Cal-QL code's rows; d4rl.qlearning_dataset stores the same, but for the trailing trajectory
+        ([0, 0, 1, 0, 0, 1], [0] * 6, [0, 1, 2, 3, 4], [2, 4]),  # the last row is never stored, even a terminal one
+        ([0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1], [0, 1, 2, 3, 4], [4]),  # nor a timeout
+        ([0, 1, 0, 0, 0, 0], [0] * 6, [0, 1], [1]),  # a trailing trajectory without an end: dropped (d4rl: rows 0-4)
+        ([0, 0, 0, 1, 0, 0], [1, 0, 0, 0, 0, 1], [1, 2, 3, 4], [3, 4]),  # a timeout row is dropped anywhere
+    ],
+)
+def test_d4rl_hdf5_end_of_file_follows_the_official_cal_ql_code(d4rl_file, terminals, timeouts, rows, episode_ends, with_next):
+    arrays = {**d4rl_arrays(with_next=with_next), "terminals": np.array(terminals, bool), "timeouts": np.array(timeouts, bool)}
+    data = load_d4rl_hdf5(d4rl_file(**arrays))
+    np.testing.assert_array_equal(data["rewards"], rows)  # reward i is written on row i
+    np.testing.assert_array_equal(data["terminals"], np.array(terminals, bool)[rows])
+    np.testing.assert_array_equal(np.array(rows)[data["episode_ends"]], episode_ends)
+    expected_next = arrays["next_observations"][rows] if with_next else arrays["observations"][np.array(rows) + 1]
+    np.testing.assert_array_equal(data["next_observations"], expected_next)
 
 
 def test_missing_corrupt_and_incomplete_files_name_the_problem(tmp_path, d4rl_file):

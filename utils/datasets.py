@@ -66,11 +66,10 @@ def concatenate(episodes: list[dict]) -> dict:
 
 
 def load_d4rl_hdf5(path: str) -> dict:
-    """A D4RL-format HDF5 file, processed as `d4rl.qlearning_dataset` does (without importing d4rl).
+    """A D4RL-format HDF5 file, processed as the official Cal-QL code processes D4RL data (see `stored_rows`).
 
-    Keys `observations`, `actions`, `rewards`, `terminals`, `timeouts`, optional `next_observations`. A trajectory
-    ends at a terminal or a timeout; the timeout transition itself is dropped (its next observation is unreliable),
-    and without `next_observations` the last row is dropped too.
+    Keys `observations`, `actions`, `rewards`, `terminals`, `timeouts`, optional `next_observations` (where absent,
+    a row's next observation is the following row's observation).
     """
     import h5py
 
@@ -87,25 +86,34 @@ def load_d4rl_hdf5(path: str) -> dict:
     for k in ("rewards", "terminals", "timeouts"):  # a scalar per row may be stored as a column
         if raw[k].ndim == 2 and raw[k].shape[1] == 1:
             raw[k] = raw[k][:, 0]
-    n = check_arrays(raw, f"dataset file {path}", D4RL_LAYOUT)
+    check_arrays(raw, f"dataset file {path}", D4RL_LAYOUT)
     terminals, timeouts = raw["terminals"].astype(bool), raw["timeouts"].astype(bool)
-    if "next_observations" in raw:
-        next_obs = raw["next_observations"]
-        keep = ~timeouts
-    else:
-        next_obs = np.concatenate([raw["observations"][1:], raw["observations"][-1:]])
-        keep = ~timeouts & (np.arange(n) < n - 1)
-    if not keep.any():
+    ends = terminals | timeouts
+    rows = stored_rows(ends, timeouts)
+    if not len(rows):
         raise DatasetError(f"dataset file {path} holds no complete transition: end each trajectory with terminals or timeouts = 1 on its last row (see docs/data.md)")
-    trajectory = np.concatenate([[0], np.cumsum(terminals | timeouts)[:-1]])[keep]
+    trajectory = np.concatenate([[0], np.cumsum(ends)[:-1]])[rows]
+    next_obs = raw["next_observations"][rows] if "next_observations" in raw else raw["observations"][rows + 1]
     return {
-        "observations": raw["observations"][keep].astype(np.float32),
-        "actions": raw["actions"][keep].astype(np.float32),
-        "rewards": raw["rewards"][keep].astype(np.float32),
-        "next_observations": next_obs[keep].astype(np.float32),
-        "terminals": terminals[keep],
+        "observations": raw["observations"][rows].astype(np.float32),
+        "actions": raw["actions"][rows].astype(np.float32),
+        "rewards": raw["rewards"][rows].astype(np.float32),
+        "next_observations": next_obs.astype(np.float32),
+        "terminals": terminals[rows],
         "episode_ends": np.append(trajectory[1:] != trajectory[:-1], True),
     }
+
+
+def stored_rows(ends: np.ndarray, timeouts: np.ndarray) -> np.ndarray:
+    """The rows of a D4RL file that become transitions, as in the official Cal-QL code (`qlearning_dataset_and_calc_mc`,
+    built on `d4rl.qlearning_dataset`): a trajectory ends at a terminal or a timeout (`ends`); not stored are timeout
+    rows (the step into the time limit), the file's last row (nothing follows it) and, where that last row ends no
+    trajectory, the whole trailing trajectory (the official code never closes it; d4rl.qlearning_dataset keeps it)."""
+    keep = ~timeouts
+    keep[-1] = False
+    if not ends[-1]:
+        keep[np.flatnonzero(ends)[-1] + 1 if ends.any() else 0 :] = False
+    return np.flatnonzero(keep)
 
 
 def load_minari(dataset_id: str) -> dict:
