@@ -84,8 +84,8 @@ def load_replay_logs(replay_dir, checkpoints, transitions_per_checkpoint=None) -
         raise DatasetError(f"{replay_dir}: checkpoints {checkpoints} hold no complete transition (every trajectory is one "
                            "step without a terminal); load more rows per checkpoint")
     returns = np.add.reduceat(rewards, np.flatnonzero(np.r_[True, ends[:-1]]))[terminals[ends]]  # finished episodes
-    print(f"offline data: {len(actions)} transitions, {len(returns)} finished episodes, mean return "
-          f"{returns.mean() if len(returns) else float('nan'):.1f}")
+    print(f"offline data: {len(actions)} transitions, {len(returns)} finished episodes"
+          + (f", mean return {returns.mean():.1f}" if len(returns) else ""))
     return dict(frames=frames, actions=actions.astype(np.int64), rewards=rewards.astype(np.float32),
                 terminals=terminals, episode_ends=ends)
 

@@ -8,6 +8,7 @@ the space's order), as the datasets are.
 
 import contextlib
 import io
+import warnings
 from dataclasses import dataclass, field
 
 import gymnasium as gym
@@ -149,7 +150,11 @@ class KitchenScore(gym.Wrapper):
     episode by its final-step reward / 4)."""
 
     def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(action)
+        with warnings.catch_warnings():
+            # gymnasium's env checker (first two steps) finds FrankaKitchen's dict observations sharing an array from
+            # one call to the next; harmless here, as FlattenObservation copies every observation into a new array
+            warnings.filterwarnings("ignore", r".*The observations returned by `\w+` and the following `step` share an object", UserWarning)
+            obs, reward, terminated, truncated, info = self.env.step(action)
         n_tasks = len(self.env.unwrapped.goal)
         info.update(success=reward == n_tasks, normalized_score=reward / n_tasks)
         return obs, reward, terminated, truncated, info
@@ -162,7 +167,10 @@ def make_env(env_id: str, seed: int, render_mode: str | None = None) -> gym.Env:
     if task is None:
         env = gym.make(env_id, render_mode=render_mode)
     else:
-        env = gym.make(task.gym_id, max_episode_steps=task.max_episode_steps, render_mode=render_mode, **task.env_kwargs)
+        with warnings.catch_warnings():
+            # AntMaze v4 rather than v5 on purpose: the Minari D4RL/antmaze data was recorded on v4
+            warnings.filterwarnings("ignore", r".*The environment AntMaze_\w+-v4 is out of date", DeprecationWarning)
+            env = gym.make(task.gym_id, max_episode_steps=task.max_episode_steps, render_mode=render_mode, **task.env_kwargs)
         if task.family == "adroit":
             env = AdroitBinary(env)
         elif task.family == "kitchen":
