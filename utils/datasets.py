@@ -51,7 +51,7 @@ def load_dataset(env_id: str, dataset_path: str | None, dataset_id: str | None, 
     if env_id == "pointmaze-umaze":
         path = os.path.join(dataset_dir, "pointmaze-umaze.hdf5")
         if not os.path.exists(path):  # collected once, then cached; workers collecting at once write identical files
-            print(f"collecting the embedded dataset into {path} (once, about 10 s)")
+            print(f"collecting the embedded dataset into {path} (done once, then reused)")
             write_d4rl_hdf5(path, collect_pointmaze_dataset())
         return load_d4rl_hdf5(path)
     raise DatasetError(f"no dataset known for {env_id}")
