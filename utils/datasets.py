@@ -180,8 +180,7 @@ def flatten_observations(obs, space: gym.spaces.Space) -> np.ndarray:
     """Batched `gymnasium.spaces.flatten`: dict observations are concatenated in the space's key order."""
     if isinstance(space, gym.spaces.Dict):
         return np.concatenate([flatten_observations(obs[k], s) for k, s in space.spaces.items()], axis=-1)
-    obs = np.asarray(obs, np.float32)
-    return obs.reshape(len(obs), -1)
+    return as_rows(obs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
