@@ -97,6 +97,13 @@ def test_unreadable_replay_file_is_one_error_line_naming_the_file_and_layout(ata
     assert f"$store$_{bad_file}_ckpt.0.gz" in message and problem in message, message
 
 
+def test_corrupt_buffer_cursor_is_one_error_line(atari_replay_logs):
+    folder = atari_replay_logs(0, **numbered_replay(5))
+    (folder / "add_count_ckpt.0.gz").write_bytes(b"not a gzip file")
+    with pytest.raises(DatasetError, match=r"^cannot read \S+/add_count_ckpt.0.gz \(BadGzipFile: .*delete it to load every row$"):
+        load_replay_logs(folder, (0,))
+
+
 @pytest.mark.parametrize("rows", [0, 1])
 def test_replay_without_a_complete_transition_is_refused(atari_replay_logs, rows):
     folder = atari_replay_logs(0, **numbered_replay(rows))  # one row without a terminal has no next frame

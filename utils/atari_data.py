@@ -67,7 +67,11 @@ def load_replay_logs(replay_dir, checkpoints, transitions_per_checkpoint=None) -
         n = len(small["action"])
         rows = n if transitions_per_checkpoint is None else min(n, transitions_per_checkpoint)
         count_file = replay_dir / f"add_count_ckpt.{ckpt}.gz"  # Dopamine's circular-buffer cursor, when present
-        add_count = int(np.load(gzip.open(count_file))) if count_file.exists() else n
+        try:
+            add_count = int(np.load(gzip.open(count_file))) if count_file.exists() else n
+        except Exception as e:  # as in read_npy_gz
+            raise DatasetError(f"cannot read {count_file} ({type(e).__name__}: {e}): Dopamine's buffer cursor, one "
+                               "integer np.save'd through gzip; download it again, or delete it to load every row") from e
         rows = min(rows, add_count)  # a buffer that never filled up: the rest is empty
         arrays = {"observation": read_npy_gz(file["observation"], rows), **{k: v[:rows] for k, v in small.items()}}
         check_arrays({file[k].name: v for k, v in arrays.items()}, str(replay_dir),
