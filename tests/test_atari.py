@@ -104,6 +104,15 @@ def test_corrupt_buffer_cursor_is_one_error_line(atari_replay_logs):
         load_replay_logs(folder, (0,))
 
 
+def test_the_script_stops_on_bad_replay_data_with_the_one_error_line(atari_replay_logs, run_script):
+    data = numbered_replay(5)
+    data["reward"][2] = np.nan
+    proc = run_script("cal_ql_atari.py", "--replay-dir", str(atari_replay_logs(0, **data)), check=False)
+    assert proc.returncode == 1
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and "$store$_reward_ckpt.0.gz is not finite at row 2" in last_line
+
+
 @pytest.mark.parametrize("rows", [0, 1])
 def test_replay_without_a_complete_transition_is_refused(atari_replay_logs, rows):
     folder = atari_replay_logs(0, **numbered_replay(rows))  # one row without a terminal has no next frame
