@@ -16,7 +16,7 @@ import gymnasium as gym
 import numpy as np
 
 from utils.pointmaze import collect_pointmaze_dataset
-from utils.tasks import TASKS
+from utils.tasks import TASKS, ant_state, antmaze_goal, at_goal
 from utils.validation import NUMBERS, DatasetError, check_arrays
 
 FIELDS = ("observations", "actions", "rewards", "next_observations", "terminals", "episode_ends")
@@ -46,7 +46,8 @@ def load_dataset(env_id: str, dataset_path: str | None, dataset_id: str | None, 
     if dataset_id is not None:
         episodes = minari_episodes(dataset_id)
         if family == "antmaze":
-            episodes = [end_at_goal(ep, goal_reward=1.0) for ep in episodes]
+            goal = antmaze_goal(task.env_kwargs["maze_map"])
+            episodes = [relabel_at_goal(ep, goal) for ep in episodes]
         return concatenate(episodes)
     if env_id == "pointmaze-umaze":
         path = os.path.join(dataset_dir, "pointmaze-umaze.hdf5")
@@ -187,12 +188,20 @@ def flatten_observations(obs, space: gym.spaces.Space) -> np.ndarray:
 # The paper's tasks: how each family's data is processed (spec §4, §7, §8)
 
 
-def end_at_goal(episode: dict, goal_reward: float) -> dict:
-    """AntMaze: a step that reaches the goal is terminal and ends its trajectory segment, as the D4RL AntMaze files
-    mark them (the official code splits trajectories there). The Minari recordings never terminate: the ant keeps
-    collecting reward 1 at the goal until the time limit."""
-    goal = episode["rewards"] >= goal_reward
-    return {**episode, "terminals": episode["terminals"] | goal, "episode_ends": episode["episode_ends"] | goal}
+def relabel_at_goal(episode: dict, goal: np.ndarray) -> dict:
+    """A Minari AntMaze episode labelled the way D4RL labels its files (scripts/generation/relabel_antmaze_rewards.py):
+    reward 1 and terminal where a step ends within ANTMAZE_GOAL_RADIUS of the task's goal, 0 elsewhere; each goal step
+    ends its trajectory segment (the official code splits trajectories at terminals); observations `ant_state`. The
+    recorded rewards, terminations and desired goal refer to the recording's own goals and are dropped."""
+    reached = at_goal(episode["next_observations"][:, :2], goal)
+    return {
+        **episode,
+        "observations": ant_state(episode["observations"]),
+        "next_observations": ant_state(episode["next_observations"]),
+        "rewards": reached.astype(np.float32),
+        "terminals": reached,
+        "episode_ends": episode["episode_ends"] | reached,
+    }
 
 
 def binarised(episode: dict, source: str) -> dict:

@@ -49,12 +49,15 @@ ANTMAZE_EVAL_MAPS = {
     ],
 }
 # Minari D4RL/antmaze/*-v1: recorded on these gymnasium-robotics v4 envs (observation 27 + achieved and desired goal
-# 2 + 2), continuing_task=True, reset_target=False, the registered time limit (umaze 700 steps, others 1000)
+# 2 + 2), continuing_task=True, reset_target=False, the registered time limit (umaze 700 steps, others 1000). Its rewards
+# mark the recording's own goals, a noisy point redrawn at every reset (in a random cell for all but umaze), so
+# `utils.datasets.relabel_at_goal` labels it anew for the task's fixed goal.
 ANTMAZE_ENVS = {
     "umaze": ("AntMaze_UMaze-v4", "umaze"), "umaze-diverse": ("AntMaze_UMaze-v4", "umaze"),
     "medium-play": ("AntMaze_Medium-v4", "medium"), "medium-diverse": ("AntMaze_Medium_Diverse_GR-v4", "medium"),
     "large-play": ("AntMaze_Large-v4", "large"), "large-diverse": ("AntMaze_Large_Diverse_GR-v4", "large"),
 }
+ANTMAZE_GOAL_RADIUS = 0.5  # D4RL's (d4rl/locomotion/goal_reaching_env.py); gymnasium-robotics' own is 0.45
 # Minari D4RL/kitchen/*-v2: the 4 target sub-tasks of each dataset (those of D4RL's kitchen envs)
 KITCHEN_TASKS = {
     "complete": ["microwave", "kettle", "light switch", "slide cabinet"],
@@ -87,11 +90,13 @@ TASKS = {
     **{
         f"antmaze-{name}-v2": Task(
             "antmaze",
-            f"{gym_id}, fixed start and goal, sparse reward 1 at the goal where the episode ends; data: Minari D4RL/antmaze/{name}-v1",
+            f"{gym_id}, fixed start and goal, D4RL's reward 1 within {ANTMAZE_GOAL_RADIUS} of the goal cell's centre, where "
+            f"the episode ends; 29 observations (no goal); data: Minari D4RL/antmaze/{name}-v1, relabelled for that goal",
             ref_min_score=0.0,
             ref_max_score=1.0,
             gym_id=gym_id,
-            env_kwargs=dict(maze_map=ANTMAZE_EVAL_MAPS[maze], continuing_task=False, reset_target=False),
+            # the env itself never ends an episode nor moves its goal: AntMazeGoal decides, as D4RL does
+            env_kwargs=dict(maze_map=ANTMAZE_EVAL_MAPS[maze], continuing_task=True, reset_target=False),
             max_episode_steps=700 if maze == "umaze" else 1000,
             dataset_id=f"D4RL/antmaze/{name}-v1",
         )
@@ -175,6 +180,8 @@ def make_env(env_id: str, seed: int, render_mode: str | None = None) -> gym.Env:
             env = AdroitBinary(env)
         elif task.family == "kitchen":
             env = KitchenScore(env)
+        elif task.family == "antmaze":
+            env = AntMazeGoal(gym.wrappers.FlattenObservation(env), antmaze_goal(task.env_kwargs["maze_map"]))
     if isinstance(env.observation_space, gym.spaces.Dict):
         env = gym.wrappers.FlattenObservation(env)
     box = env.action_space
@@ -182,6 +189,58 @@ def make_env(env_id: str, seed: int, render_mode: str | None = None) -> gym.Env:
         raise DatasetError(f"{env_id}: actions must be a Box in [-1, 1] (tanh policy); wrap the env with gymnasium.wrappers.RescaleAction")
     env.action_space.seed(seed)
     return env
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AntMaze as D4RL defines it: a fixed goal, reward 1 within ANTMAZE_GOAL_RADIUS of it, the ant's 29 states observed
+
+
+def maze_cell(maze_map, mark: str) -> tuple[int, int]:
+    """The (row, col) of the one cell of a maze map marked `mark` ("r": the start, "g": the goal)."""
+    (cell,) = [(r, c) for r, row in enumerate(maze_map) for c, v in enumerate(row) if v == mark]
+    return cell
+
+
+def antmaze_goal(maze_map) -> np.ndarray:
+    """The evaluation goal: the centre (x, y) of the maze's goal cell, in gymnasium-robotics' coordinates."""
+    register_robotics_envs()
+    from gymnasium_robotics.envs.maze.maze_v4 import Maze
+
+    maze = Maze(maze_map, maze_size_scaling=4, maze_height=0.5)  # AntMaze's cells are 4 wide
+    return maze.cell_rowcol_to_xy(np.array(maze_cell(maze_map, "g")))
+
+
+def ant_state(flat_obs: np.ndarray) -> np.ndarray:
+    """A flat AntMaze observation [achieved_goal (x, y), desired_goal, 27 ant states] without the desired goal: D4RL's 29
+    numbers, qpos (x, y first) and qvel. The goal is fixed, so it carries nothing, and D4RL's policies never saw it."""
+    return np.delete(flat_obs, [2, 3], axis=-1)
+
+
+def at_goal(xy: np.ndarray, goal: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(xy - goal, axis=-1) <= ANTMAZE_GOAL_RADIUS
+
+
+class AntMazeGoal(gym.Wrapper):
+    """A flattened gymnasium-robotics AntMaze with D4RL's task: observation `ant_state`; reward 1, `terminated` and
+    info["success"] where the ant's (x, y) ends a step within ANTMAZE_GOAL_RADIUS of `goal`, reward 0 elsewhere. The
+    env's own goal (redrawn with noise at every reset, radius 0.45) is replaced by this fixed one."""
+
+    def __init__(self, env: gym.Env, goal: np.ndarray):
+        super().__init__(env)
+        self.goal = goal
+        size = env.observation_space.shape[0] - 2
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), env.observation_space.dtype)
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self.env.unwrapped.goal = self.goal.copy()  # the target sphere then marks the real goal (rendering only)
+        self.env.unwrapped.update_target_site_pos()
+        return ant_state(obs), {**info, "success": bool(at_goal(obs[:2], self.goal))}
+
+    def step(self, action):
+        obs, _, _, truncated, info = self.env.step(action)
+        success = bool(at_goal(obs[:2], self.goal))
+        return ant_state(obs), float(success), success, truncated, {**info, "success": success}
 
 
 def check_dataset_fits_env(dataset: dict, env: gym.Env, source: str):
