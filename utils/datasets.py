@@ -413,10 +413,11 @@ def write_d4rl_hdf5(path: str, data: dict):
     import h5py
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with h5py.File(path + ".tmp", "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"  # one per process: runs of a grid may cache the same dataset at once
+    with h5py.File(tmp, "w") as f:
         for k, v in data.items():
             f.create_dataset(k, data=v, compression="gzip")
-    os.replace(path + ".tmp", path)  # a crash mid-write never leaves a half file behind
+    os.replace(tmp, path)  # a crash mid-write never leaves a half file behind
 
 
 # ---------------------------------------------------------------------------------------------------------------
