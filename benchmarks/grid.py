@@ -133,7 +133,7 @@ def write_manifest(root: Path, runs: list[Run]):
 def start(run: Run, root: Path, threads: int, **popen) -> subprocess.Popen:
     """Start a run in ROOT, its output appended to ROOT/logs/NAME.log (a resumed run continues the same log)."""
     (root / "logs").mkdir(parents=True, exist_ok=True)
-    # TQDM_MININTERVAL: a progress line a minute, not ten a second, in the log files
+    # TQDM_MININTERVAL: progress bars that set no interval (the Atari script's) write a line a minute, not ten a second
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "60"}
     with open(root / "logs" / f"{run.name}.log", "a") as log:
         return subprocess.Popen(run.command(), cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, **popen)
