@@ -8,9 +8,12 @@ where mc_return(s) is the Monte-Carlo return-to-go of the trajectory the transit
 
 import argparse
 import copy
+import json
 import math
 import os
 import random
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -47,6 +50,10 @@ class Args:
     """record the first episode of every evaluation to `videos/{run_name}` (needs moviepy and a MuJoCo GL backend)"""
     save_model: bool = True
     """save the agent to `runs/{run_name}/pretrained.pt` after pre-training and `final.pt` at the end"""
+    run_name: str | None = None
+    """the run's folder in runs/ (default `{env_id}__{exp_name}__{seed}__{time}`); a folder holding a checkpoint is resumed"""
+    checkpoint_every: int = 50_000
+    """save the whole run state to `runs/{run_name}/checkpoint.pt` every this many gradient steps (0: only on SIGTERM/SIGUSR1/SIGUSR2)"""
 
     # data
     env_id: str = "pointmaze-umaze"
@@ -140,7 +147,7 @@ PRESETS = {  # per task family, then per task id on top of it: the settings of i
     "pointmaze": dict(
         reward_scale=10.0, reward_bias=-5.0, failure_reward=0.0, policy_hidden=[128, 128], q_hidden=[128, 128],
         cql_n_actions=10, offline_steps=5_000, offline_eval_every=2_500, online_env_steps=10_000,
-        online_eval_every=2_500, eval_episodes=50,
+        online_eval_every=2_500, eval_episodes=50, checkpoint_every=5_000,
     ),
     # The paper's tasks, with the official settings (nakamotoo/Cal-QL scripts/run_antmaze.sh, run_adroit.sh, run_kitchen.sh)
     "antmaze": dict(
@@ -360,29 +367,34 @@ def update(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict, noise: d
     optimizer.step()
     with torch.no_grad():
         torch._foreach_lerp_(list(agent.qf_target.parameters()), list(agent.qf.parameters()), args.tau)
-    return {k: v.detach().mean() for k, v in losses.items()}
+    return {f"{'calibration' if k in ('bound_rate', 'q_minus_mc') else 'losses'}/{k}": v.detach().mean() for k, v in losses.items()}
 
 
 class CudaGraphStep:
-    """Replays `step()` (no inputs: it samples its own batch and noise on the GPU) as one captured CUDA graph, so the
-    ~400 kernel launches of an update cost one. The first `warmup` calls run eagerly on a side stream, as capture
-    requires (they create Adam's state and pick cuBLAS kernels); they are real steps. Every call is one step."""
+    """Replays `step(*inputs)` as one captured CUDA graph, so the ~400 kernel launches of an update cost one. Each
+    input is a dict of tensors, copied into the captured ones before a replay (a step that samples its own batch on
+    the GPU has none). The first `warmup` calls run eagerly on a side stream, as capture requires (they create Adam's
+    state and pick cuBLAS kernels); they are real steps. Every call is one step."""
 
     def __init__(self, step, warmup: int = 3):
         self.step, self.warmup, self.graph, self.side_stream = step, warmup, None, torch.cuda.Stream()
 
-    def __call__(self) -> dict:
+    def __call__(self, *inputs: dict) -> dict:
         if self.warmup > 0:
             self.warmup -= 1
             self.side_stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side_stream):
-                metrics = self.step()
+                metrics = self.step(*inputs)
             torch.cuda.current_stream().wait_stream(self.side_stream)
             return metrics
         if self.graph is None:  # capture records the kernels without running them; the replay below runs them
-            self.graph = torch.cuda.CUDAGraph()
+            self.inputs, self.graph = [{k: v.clone() for k, v in d.items()} for d in inputs], torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.metrics = self.step()  # static outputs, overwritten by every replay
+                self.metrics = self.step(*self.inputs)  # static outputs, overwritten by every replay
+        else:
+            for static, new in zip(self.inputs, inputs):
+                for k, v in new.items():
+                    static[k].copy_(v)
         self.graph.replay()
         return self.metrics
 
@@ -408,12 +420,21 @@ class ReplayBuffer:
         idx = torch.randint(1 << 62, (n,), device=self.device) % self.size_on_device  # uniform (bias < 1e-12), no host sync
         return {k: v[idx] for k, v in self.data.items()}
 
+    def state_dict(self) -> dict:
+        return {"data": {k: v[: self.size].cpu() for k, v in self.data.items()}, "pos": self.pos}
 
-def make_train_step(agent: Agent, optimizer: torch.optim.Optimizer, sources: list[tuple[ReplayBuffer, int]], args: Args):
-    """A function doing one gradient step on a fresh batch (`rows` transitions from each (buffer, rows) source) and
-    fresh noise. --compile and --cudagraphs wrap the same `update`; the eager path is the plain function."""
+    def load_state_dict(self, state: dict):
+        self.add(state["data"])
+        self.pos = state["pos"]
+
+
+def make_train_step(agent: Agent, optimizer: torch.optim.Optimizer, args: Args, offline_buffer: ReplayBuffer, online_buffer: ReplayBuffer | None = None):
+    """A function doing one gradient step on a fresh batch and fresh noise. Offline, every row comes from the offline
+    data; online, a --mixing-ratio share of them, the rest from the online buffer. --compile and --cudagraphs wrap
+    the same `update`; the eager path is the plain function."""
     update_fn = torch.compile(update) if args.compile else update
-    sources = [(buffer, rows) for buffer, rows in sources if rows > 0]
+    n_offline = args.batch_size if online_buffer is None else int(args.batch_size * args.mixing_ratio)
+    sources = [(buffer, rows) for buffer, rows in ((offline_buffer, n_offline), (online_buffer, args.batch_size - n_offline)) if rows > 0]
 
     def train_step() -> dict:
         parts = [buffer.sample(rows) for buffer, rows in sources]
@@ -457,16 +478,87 @@ def collect_episode(env: gym.Env, actor: Actor, device: torch.device) -> tuple[d
     columns = [np.asarray(c, np.float32) for c in zip(*steps)]
     episode = dict(zip(("observations", "actions", "rewards", "next_observations", "terminals"), columns))
     episode["episode_ends"] = np.arange(len(steps)) == len(steps) - 1
-    return episode, {"return": float(columns[2].sum()), "length": len(steps), "success": success}
+    return episode, {"return": float(columns[2].sum()), "length": len(steps), "success": float(success)}
 
 
-def save_checkpoint(path: str, agent: Agent, optimizer: torch.optim.Optimizer, global_step: int, args: Args):
-    torch.save({"agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "global_step": global_step, "args": asdict(args)}, path)
+def deterministic_policy(actor: Actor, device: torch.device):
+    """The evaluation policy: observation -> tanh(mean), no sampling."""
+
+    def policy(obs):
+        with torch.no_grad():
+            return actor.act(torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0))[0].cpu().numpy()
+
+    return policy
 
 
-def load_checkpoint(path: str, agent: Agent, optimizer: torch.optim.Optimizer) -> int:
+@dataclass
+class Progress:
+    """Where the run stands: what a resumed run needs besides the networks, the buffers and the random states."""
+
+    phase: str = "offline"  # then "online"
+    global_step: int = 0  # gradient steps
+    env_steps: int = 0  # online environment steps
+    eval_regrets: list[float] = field(default_factory=list)  # 1 - normalized score of each online evaluation
+    train_regrets: list[float] = field(default_factory=list)  # 1 - success of each online training episode
+
+    def add_online_evaluation(self, normalized_score: float) -> float:
+        """The paper's cumulative regret: mean over the online evaluations so far of 1 - normalized score."""
+        self.eval_regrets.append(1 - normalized_score)
+        return float(np.mean(self.eval_regrets))
+
+    def add_online_episode(self, success: float) -> float:
+        """The same over the online training episodes (success 0 or 1), logged as charts/train_regret."""
+        self.train_regrets.append(1 - success)
+        return float(np.mean(self.train_regrets))
+
+
+def crossed(before: int, after: int, every: int) -> bool:
+    """Whether a counter going from `before` to `after` passed a multiple of `every` (never for every <= 0)."""
+    return every > 0 and after // every > before // every
+
+
+def log_metrics(writer: SummaryWriter, metrics: dict, global_step: int, steps_per_second: float):
+    """Write the training metrics (one device-to-host copy for all); stop at the first non-finite value."""
+    for tag, value in zip(metrics, torch.stack(list(metrics.values())).tolist()):
+        if not math.isfinite(value):
+            raise SystemExit(f"error: {tag} became {value} by gradient step {global_step}; lower the learning rates or check the data's rewards")
+        writer.add_scalar(tag, value, global_step)
+    writer.add_scalar("charts/SPS", int(steps_per_second), global_step)
+
+
+def log_episode(writer: SummaryWriter, stats: dict, progress: Progress):
+    """An online training episode, logged once its updates are done (so a checkpoint covers everything logged)."""
+    for name, value in stats.items():
+        writer.add_scalar(f"charts/episodic_{name}", value, progress.global_step)
+    writer.add_scalar("charts/train_regret", progress.add_online_episode(stats["success"]), progress.global_step)
+    writer.add_scalar("charts/env_steps", progress.env_steps, progress.global_step)
+
+
+def atomic_save(state: dict, path: str):
+    """torch.save through a temporary file and a rename: a kill mid-write leaves the previous file intact."""
+    torch.save(state, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def random_states(env: gym.Env) -> dict:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda,
+            "env": env.unwrapped.np_random.bit_generator.state}
+
+
+def restore_random_states(states: dict, env: gym.Env):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+    env.unwrapped.np_random.bit_generator.state = states["env"]
+
+
+def load_agent(path: str, agent: Agent, optimizer: torch.optim.Optimizer) -> dict:
+    """A saved agent and its optimizer state (pretrained.pt, final.pt or checkpoint.pt); returns the whole file."""
     try:
-        checkpoint = torch.load(path, map_location=next(agent.parameters()).device)
+        checkpoint = torch.load(path, map_location=next(agent.parameters()).device, weights_only=False)
         for saved, group in zip(checkpoint["optimizer"]["param_groups"], optimizer.param_groups):
             saved["capturable"] = group["capturable"]  # a run without --cudagraphs may be fine-tuned with it, or back
         agent.load_state_dict(checkpoint["agent"])
@@ -475,19 +567,30 @@ def load_checkpoint(path: str, agent: Agent, optimizer: torch.optim.Optimizer) -
         raise SystemExit(f"error: --pretrained-checkpoint {path} does not exist")
     except (RuntimeError, KeyError, ValueError) as e:
         raise SystemExit(f"error: {path} does not fit this run ({str(e).splitlines()[0]}); use the --env-id and network sizes it was trained with")
-    return checkpoint["global_step"]
+    return checkpoint
+
+
+class StopSignal:
+    """SIGTERM, SIGUSR1 or SIGUSR2 (what SLURM sends before preemption or the time limit; submitit uses SIGUSR2)
+    only raise a flag: the loops finish the current gradient step (offline) or episode (online), save and exit."""
+
+    def __init__(self):
+        self.name = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, self.receive)
+
+    def receive(self, signum, frame):
+        self.name = signal.Signals(signum).name
 
 
 if __name__ == "__main__":
     args = parse_args()
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir, stop = f"runs/{run_name}", StopSignal()
+    if os.path.exists(f"{run_dir}/finished.json"):
+        print(f"run {run_name} is already finished ({run_dir}/finished.json)")
+        raise SystemExit(0)
     print(f"{args.exp_name} on {args.env_id}:", ", ".join(f"{k}={v}" for k, v in asdict(args).items()))
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -499,7 +602,7 @@ if __name__ == "__main__":
         raise SystemExit("error: --cudagraphs replays CUDA graphs and needs a CUDA GPU (with --cuda on); drop the flag on CPU")
     torch.backends.cuda.matmul.fp32_precision = "tf32" if args.tf32 else "ieee"
 
-    # environment and offline data, labelled with Monte-Carlo returns
+    # environment and offline data, labelled with Monte-Carlo returns (before the run folder: bad data leaves none)
     try:
         task = get_task(args.env_id, args.dataset_path, args.dataset_id)
         env, eval_env = make_env(args.env_id, args.seed), make_env(args.env_id, args.seed)
@@ -513,81 +616,102 @@ if __name__ == "__main__":
     offline_buffer = ReplayBuffer(len(dataset["rewards"]), obs_dim, action_dim, device)
     offline_buffer.add(label_transitions(dataset, args))
     online_buffer = ReplayBuffer(args.buffer_size, obs_dim, action_dim, device)
-    n_offline = int(args.batch_size * args.mixing_ratio)
 
     agent = Agent(obs_dim, action_dim, args).to(device)
     optimizer = agent.make_optimizer(args)
-    global_step, eval_regrets, train_regrets = 0, [], []
+    progress, resumed = Progress(), os.path.exists(f"{run_dir}/checkpoint.pt")
+    if resumed:  # continue where the run stopped, as if it never had
+        checkpoint = load_agent(f"{run_dir}/checkpoint.pt", agent, optimizer)
+        progress = Progress(**checkpoint["progress"])
+        online_buffer.load_state_dict(checkpoint["online_buffer"])
+        restore_random_states(checkpoint["random_states"], env)
+        print(f"resuming {run_name} from gradient step {progress.global_step} ({progress.phase}, {progress.env_steps} env steps)")
+    if args.track:
+        import wandb
 
-    def policy(obs):
-        with torch.no_grad():
-            return agent.actor.act(torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0))[0].cpu().numpy()
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
+    # a resumed run rewrites what followed its checkpoint: TensorBoard hides those older points (no duplicates)
+    writer = SummaryWriter(run_dir, purge_step=progress.global_step + 1 if resumed else None)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
-    def run_evaluation(env_steps: int | None = None) -> dict:
-        """Evaluate, log at the current gradient step; online (env_steps given) also the running regret."""
-        result = evaluate(eval_env, policy, args.eval_episodes, args.seed + 1_000_000, task.ref_min_score, task.ref_max_score)
-        if env_steps is not None:  # the paper's regret: mean over online evaluations of 1 - normalized score
-            eval_regrets.append(1 - result["normalized_score"])
-            result.update(regret=float(np.mean(eval_regrets)), env_steps=env_steps)
+    def run_evaluation() -> dict:
+        """Evaluate and log at the current gradient step; online evaluations also update the regret."""
+        result = evaluate(eval_env, deterministic_policy(agent.actor, device), args.eval_episodes, args.seed + 1_000_000, task.ref_min_score, task.ref_max_score)
+        result["env_steps"] = progress.env_steps
+        if progress.phase == "online":
+            result["regret"] = progress.add_online_evaluation(result["normalized_score"])
         for k, v in result.items():
-            writer.add_scalar(f"eval/{k}", v, global_step)
+            writer.add_scalar(f"eval/{k}", v, progress.global_step)
         return result
 
-    def log_metrics(metrics: dict, start_time: float, steps_done: int):
-        values = dict(zip(metrics, torch.stack(list(metrics.values())).tolist()))  # the one host sync
-        for name, value in values.items():
-            if not math.isfinite(value):
-                raise SystemExit(f"error: {name} became {value} by gradient step {global_step}; lower the learning rates or check the data's rewards")
-            group = "calibration" if name in ("bound_rate", "q_minus_mc") else "losses"
-            writer.add_scalar(f"{group}/{name}", value, global_step)
-        writer.add_scalar("charts/SPS", int(steps_done / (time.time() - start_time)), global_step)
+    def save_progress():
+        """The whole run state, written after everything up to this gradient step is logged."""
+        writer.flush()
+        atomic_save({"agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "args": asdict(args), "progress": asdict(progress),
+                     "online_buffer": online_buffer.state_dict(), "random_states": random_states(env)}, f"{run_dir}/checkpoint.pt")
+
+    def exit_if_stopped():
+        if stop.name:
+            save_progress()
+            print(f"stopped by {stop.name} at gradient step {progress.global_step}: state saved to {run_dir}/checkpoint.pt; run the same command again to resume", file=sys.stderr)
+            raise SystemExit(75)  # EX_TEMPFAIL: try again
+
+    def save_agent(name: str):
+        if args.save_model:
+            atomic_save({"agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "global_step": progress.global_step, "args": asdict(args)}, f"{run_dir}/{name}")
+
+    start_time, start_step = time.time(), progress.global_step
 
     # ---------------- offline pre-training ----------------
-    if args.pretrained_checkpoint:
-        global_step = load_checkpoint(args.pretrained_checkpoint, agent, optimizer)
-        print(f"fine-tuning {args.pretrained_checkpoint} (pre-trained for {global_step} gradient steps)")
-    else:
-        with tqdm(total=args.offline_steps, desc="offline", unit="step", mininterval=2) as progress:
-            progress.set_postfix(success=run_evaluation()["success_rate"])
-            train_step, start_time = make_train_step(agent, optimizer, [(offline_buffer, args.batch_size)], args), time.time()
-            for global_step in range(1, args.offline_steps + 1):
-                metrics = train_step()
-                if global_step % args.log_every == 0:
-                    log_metrics(metrics, start_time, global_step)
-                if global_step % args.offline_eval_every == 0 or global_step == args.offline_steps:
-                    progress.set_postfix(success=run_evaluation()["success_rate"])
-                progress.update()
-        if args.save_model:
-            save_checkpoint(f"runs/{run_name}/pretrained.pt", agent, optimizer, global_step, args)
-
-    # ---------------- online fine-tuning ----------------
-    with tqdm(total=args.online_env_steps, desc="online", unit="env step", mininterval=2) as progress:
+    if progress.phase == "offline":
+        if args.pretrained_checkpoint:
+            progress.global_step = load_agent(args.pretrained_checkpoint, agent, optimizer)["global_step"]
+            print(f"fine-tuning {args.pretrained_checkpoint} (pre-trained for {progress.global_step} gradient steps)")
+        else:
+            train_step = make_train_step(agent, optimizer, args, offline_buffer)
+            with tqdm(initial=progress.global_step, total=args.offline_steps, desc="offline", unit="step", mininterval=2) as bar:
+                if not resumed:
+                    bar.set_postfix(success=run_evaluation()["success_rate"])
+                while progress.global_step < args.offline_steps and not stop.name:
+                    metrics, progress.global_step = train_step(), progress.global_step + 1
+                    if progress.global_step % args.log_every == 0:
+                        log_metrics(writer, metrics, progress.global_step, (progress.global_step - start_step) / (time.time() - start_time))
+                    if progress.global_step % args.offline_eval_every == 0 or progress.global_step == args.offline_steps:
+                        bar.set_postfix(success=run_evaluation()["success_rate"])
+                    if crossed(progress.global_step - 1, progress.global_step, args.checkpoint_every):
+                        save_progress()
+                    bar.update()
+            exit_if_stopped()
+            save_agent("pretrained.pt")
+        progress.phase = "online"
         env.reset(seed=args.seed)
-        train_step = make_train_step(agent, optimizer, [(offline_buffer, n_offline), (online_buffer, args.batch_size - n_offline)], args)
-        env_steps, updates_done, start_time = 0, 0, time.time()
-        while env_steps < args.online_env_steps:
+
+    # ---------------- online fine-tuning: collect, label, update, evaluate ----------------
+    train_step = make_train_step(agent, optimizer, args, offline_buffer, online_buffer)
+    with tqdm(initial=progress.env_steps, total=args.online_env_steps, desc="online", unit="env step", mininterval=2) as bar:
+        while progress.env_steps < args.online_env_steps and not stop.name:
             episode, stats = collect_episode(env, agent.actor, device)
             online_buffer.add(label_transitions(episode, args))  # labelled with its own MC returns once it has ended
-            previous, env_steps = env_steps, env_steps + stats["length"]
-            train_regrets.append(1 - float(stats["success"]))
-            for name, value in (("return", stats["return"]), ("length", stats["length"]), ("success", float(stats["success"]))):
-                writer.add_scalar(f"charts/episodic_{name}", value, global_step)
-            writer.add_scalar("charts/train_regret", float(np.mean(train_regrets)), global_step)
-            writer.add_scalar("charts/env_steps", env_steps, global_step)
-
+            steps_before, env_steps_before = progress.global_step, progress.env_steps
+            progress.env_steps += stats["length"]
             for _ in range(stats["length"] * args.utd_ratio):
-                global_step, updates_done = global_step + 1, updates_done + 1
-                metrics = train_step()
-                if global_step % args.log_every == 0:
-                    log_metrics(metrics, start_time, updates_done)
+                metrics, progress.global_step = train_step(), progress.global_step + 1
+                if progress.global_step % args.log_every == 0:
+                    log_metrics(writer, metrics, progress.global_step, (progress.global_step - start_step) / (time.time() - start_time))
+            log_episode(writer, stats, progress)
+            if crossed(env_steps_before, progress.env_steps, args.online_eval_every) or progress.env_steps >= args.online_env_steps:
+                result = run_evaluation()
+                bar.set_postfix(success=result["success_rate"], regret=round(result["regret"], 3))
+            if crossed(steps_before, progress.global_step, args.checkpoint_every):
+                save_progress()
+            bar.update(stats["length"])
+    exit_if_stopped()
 
-            if env_steps // args.online_eval_every > previous // args.online_eval_every or env_steps >= args.online_env_steps:
-                result = run_evaluation(env_steps)
-                progress.set_postfix(success=result["success_rate"], regret=round(result["regret"], 3))
-            progress.update(stats["length"])
-
-    if args.save_model:
-        save_checkpoint(f"runs/{run_name}/final.pt", agent, optimizer, global_step, args)
+    save_agent("final.pt")
+    with open(f"{run_dir}/finished.json", "w") as f:  # marks the run done for a re-launch (and benchmarks/grid.py)
+        json.dump({"global_step": progress.global_step, "env_steps": progress.env_steps, "wall_time_s": round(time.time() - start_time, 1)}, f)
+    if os.path.exists(f"{run_dir}/checkpoint.pt"):
+        os.remove(f"{run_dir}/checkpoint.pt")  # it holds the online buffer: up to hundreds of MB per run
     env.close()
     eval_env.close()
     writer.close()

@@ -93,7 +93,7 @@ def continuous_step(args: Args, name: str, device: torch.device, flags: dict):
                 "rewards": rng.choice([-5.0, 5.0], n), "next_obs": rng.normal(size=(n, obs_dim)),
                 "terminals": rng.random(n) < 0.01, "mc_returns": rng.uniform(-500, 5, n)})
     agent = calql.Agent(obs_dim, action_dim, script_args).to(device)
-    return calql.make_train_step(agent, agent.make_optimizer(script_args), [(buffer, script_args.batch_size)], script_args)
+    return calql.make_train_step(agent, agent.make_optimizer(script_args), script_args, buffer)
 
 
 def atari_step(args: Args, device: torch.device, flags: dict):

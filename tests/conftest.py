@@ -57,6 +57,22 @@ def host_reads(fn) -> list[str]:
     return reads
 
 
+def reference_mc_returns(rewards, terminals, episode_ends, gamma, failure_reward=None):
+    """Straightforward per-trajectory loop, for comparison."""
+    out, start = np.zeros(len(rewards)), 0
+    for end in np.flatnonzero(episode_ends):
+        r, d = rewards[start : end + 1], terminals[start : end + 1]
+        if failure_reward is not None and np.all(r == failure_reward):
+            out[start : end + 1] = failure_reward / (1 - gamma)
+        else:
+            g = 0.0
+            for t in reversed(range(len(r))):
+                g = r[t] + gamma * (1 - d[t]) * g
+                out[start + t] = g
+        start = end + 1
+    return out
+
+
 @pytest.fixture
 def d4rl_file(tmp_path):
     """Write a D4RL-format HDF5 file from arrays; returns its path."""
@@ -197,15 +213,11 @@ def atari_replay_logs(tmp_path):
     return write
 
 
-def scalar_values(run_dir) -> dict:
-    """Every TensorBoard scalar of a run: {tag: [(step, value), ...]}."""
+def scalars(run_dir, with_values=False) -> dict:
+    """The steps (or (step, value) pairs) at which each TensorBoard scalar of a run was written, as TensorBoard shows
+    them: points that a resumed run rewrote (purge_step) are dropped."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir))
     events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
-
-def scalars(run_dir) -> dict:
-    """The steps at which each TensorBoard scalar of a run was written."""
-    return {tag: [step for step, _ in values] for tag, values in scalar_values(run_dir).items()}
+    return {tag: [(e.step, e.value) if with_values else e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, TINY, run_in, scalar_values
+from conftest import REPO, TINY, run_in, scalars
 
 GRID = "benchmarks/grid.py"
 # checkpoints every 10 gradient steps; an online phase of one episode (300 steps) keeps a run going long enough to be
@@ -36,7 +36,7 @@ def assert_finished_with_logs(root):
     for name in NAMES:
         run_dir = root / "runs" / name
         assert (run_dir / "finished.json").exists(), (root / "logs" / f"{name}.log").read_text()[-2000:]
-        assert len(scalar_values(run_dir)["eval/normalized_score"]) >= 4  # before, during, after pre-training, online
+        assert len(scalars(run_dir)["eval/normalized_score"]) >= 4  # before, during, after pre-training, online
 
 
 def test_local_grid_runs_every_run_and_writes_its_manifest(local_grid):
@@ -132,7 +132,7 @@ def assert_same_results(run_dir, reference_dir):
     """Same final parameters bit for bit, same logged values at the same steps (timings aside)."""
     params, reference = (torch.load(d / "final.pt", weights_only=False)["agent"] for d in (run_dir, reference_dir))
     assert all(torch.equal(params[k], reference[k]) for k in reference)
-    values, reference_values = scalar_values(run_dir), scalar_values(reference_dir)
+    values, reference_values = scalars(run_dir, with_values=True), scalars(reference_dir, with_values=True)
     assert values.keys() == reference_values.keys()
     for tag in reference_values:
         if tag != "charts/SPS":

@@ -140,7 +140,7 @@ def test_fast_train_step_matches_eager(mode, device):
         offline, online = make_buffer(64, device, seed=1), make_buffer(8, device, seed=2)
         agent, args, _, _ = make({"cql_lagrange": True, "batch_size": B, **flags}, seed=4)
         agent.to(device)
-        step = calql.make_train_step(agent, agent.make_optimizer(args), [(offline, B // 2), (online, B // 2)], args)
+        step = calql.make_train_step(agent, agent.make_optimizer(args), args, offline, online)
         torch.manual_seed(5)
         metrics = [{k: v.clone() for k, v in step().items()} for _ in range(6)]
         return metrics, agent.state_dict()
@@ -154,7 +154,7 @@ def test_train_step_reads_nothing_on_the_host_but_cpu_adams_step_count():
     capturable Adam of --cudagraphs keeps on the GPU."""
     offline, online = make_buffer(64, "cpu", seed=1), make_buffer(8, "cpu", seed=2)
     agent, args, _, _ = make({"cql_lagrange": True, "batch_size": B})
-    step = calql.make_train_step(agent, agent.make_optimizer(args), [(offline, B // 2), (online, B // 2)], args)
+    step = calql.make_train_step(agent, agent.make_optimizer(args), args, offline, online)
     step()  # Adam's state exists from here on, as after the warm-up of --cudagraphs
     reads = host_reads(step)
     assert reads and all("torch/optim/adam.py" in where for where in reads), reads

@@ -6,6 +6,7 @@ import pytest
 
 import cal_ql_atari
 import cal_ql_continuous
+from conftest import reference_mc_returns
 
 GAMMA = 0.99
 
@@ -13,22 +14,6 @@ GAMMA = 0.99
 @pytest.fixture(params=[cal_ql_continuous, cal_ql_atari], ids=["continuous", "atari"])
 def calc_mc_returns(request):
     return request.param.calc_mc_returns
-
-
-def reference_mc_returns(rewards, terminals, episode_ends, gamma, failure_reward=None):
-    """Straightforward per-trajectory loop, for comparison."""
-    out, start = np.zeros(len(rewards)), 0
-    for end in np.flatnonzero(episode_ends):
-        r, d = rewards[start : end + 1], terminals[start : end + 1]
-        if failure_reward is not None and np.all(r == failure_reward):
-            out[start : end + 1] = failure_reward / (1 - gamma)
-        else:
-            g = 0.0
-            for t in reversed(range(len(r))):
-                g = r[t] + gamma * (1 - d[t]) * g
-                out[start + t] = g
-        start = end + 1
-    return out
 
 
 def one_trajectory(rewards, terminals):

@@ -61,7 +61,7 @@ def test_checkpoint_of_other_network_sizes_is_refused(run_script, pointmaze_data
         (["--env-id", "NoSuchEnv-v0"], "error: unknown --env-id 'NoSuchEnv-v0': use one of"),
         (["--env-id", "Hopper-v5"], "--dataset-path FILE.hdf5"),
         (["--dataset-path", "missing.hdf5"], "error: dataset file missing.hdf5 not found"),
-        (["--reward-scale", "1e39", "--offline-steps", "10"], "error: qf_loss became nan by gradient step 5"),
+        (["--reward-scale", "1e39", "--offline-steps", "10"], "error: losses/qf_loss became nan by gradient step 5"),
         (["--mixing-ratio", "1.5"], "error: --mixing-ratio 1.5 is the offline share of a batch"),
         pytest.param(["--cudagraphs"], "error: --cudagraphs replays CUDA graphs and needs a CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
     ],
