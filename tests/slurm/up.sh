@@ -8,7 +8,10 @@ set -euo pipefail
 DIR=$(realpath "${1:?usage: up.sh DIR}")
 mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
 export SLURM_CONF=$DIR/slurm.conf
-MEM=$(( $(free -m | awk '/^Mem:/{print $2}') - 512 ))   # must not exceed what slurmd detects
+# the node as slurmd detects it (nproc would follow OMP_NUM_THREADS); memory with a margin, never above the detected
+HW=$(slurmd -C | head -n 1)
+CPUS=$(sed -n 's/.* CPUs=\([0-9]*\).*/\1/p' <<<"$HW")
+MEM=$(( $(sed -n 's/.* RealMemory=\([0-9]*\).*/\1/p' <<<"$HW") - 512 ))
 
 # munge authenticates the daemons; started here only if not running (down.sh then stops it)
 if ! pidof munged >/dev/null; then
@@ -49,7 +52,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
 JobRequeue=1
-NodeName=$(hostname -s) NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$MEM State=UNKNOWN
+NodeName=$(hostname -s) NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
 
