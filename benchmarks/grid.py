@@ -120,11 +120,14 @@ def is_finished(root: Path, run: Run) -> bool:
     return (root / "runs" / run.name / "finished.json").exists()
 
 
-def write_manifest(root: Path, runs: list[Run]):
-    """ROOT/grid.json: the runs of every launch into this root (a run launched again replaces its entry)."""
+def write_manifest(root: Path, runs: list[Run], todo: list[Run]):
+    """ROOT/grid.json: the runs of every launch into this root. A run started now is recorded as it is started now;
+    a skipped one (finished or queued) keeps the entry of the launch that started it."""
     path = root / "grid.json"
     entries = {e["name"]: e for e in json.loads(path.read_text())["runs"]} if path.exists() else {}
-    entries.update({run.name: asdict(run) for run in runs})
+    for run in runs:
+        entries.setdefault(run.name, asdict(run))
+    entries.update({run.name: asdict(run) for run in todo})
     lines = ",\n".join(f"  {json.dumps(entry)}" for entry in entries.values())  # one run a line
     path.with_suffix(".tmp").write_text(f'{{"runs": [\n{lines}\n]}}\n')
     path.with_suffix(".tmp").replace(path)
@@ -288,7 +291,7 @@ def main():
         print(describe(args, root, todo))
         return
     root.mkdir(parents=True, exist_ok=True)
-    write_manifest(root, runs)
+    write_manifest(root, runs, todo)
     if not todo:
         print(f"nothing to run: all {len(runs)} runs are finished or queued")
     elif args.executor == "local":

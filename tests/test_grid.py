@@ -49,13 +49,15 @@ def test_local_grid_runs_every_run_and_writes_its_manifest(local_grid):
     assert manifest[0]["flags"][-2:] == ["--checkpoint-every", "10"]
 
 
-def test_relaunch_skips_finished_runs(local_grid, pointmaze_data_dir):
+def test_relaunch_skips_finished_runs_even_with_other_flags(local_grid, pointmaze_data_dir):
     root, _ = local_grid
     before = {name: (root / "runs" / name / "finished.json").stat().st_mtime_ns for name in NAMES}
-    proc = run_in(root.parent, GRID, "--root", str(root), *tiny_grid(pointmaze_data_dir))
+    manifest = (root / "grid.json").read_text()
+    proc = run_in(root.parent, GRID, "--root", str(root), *tiny_grid(pointmaze_data_dir), "--eval-episodes", "2")
     assert [line for line in proc.stdout.splitlines() if line.startswith("skip")] == [f"skip {name}: finished" for name in NAMES]
     assert "nothing to run" in proc.stdout
     assert before == {name: (root / "runs" / name / "finished.json").stat().st_mtime_ns for name in NAMES}
+    assert (root / "grid.json").read_text() == manifest  # the entries say how the runs were actually run
 
 
 def test_dry_run_prints_what_would_run_and_starts_nothing(tmp_path):
