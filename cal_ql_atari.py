@@ -11,16 +11,13 @@ rewards), a value estimate of the behaviour policy that Q must not fall below. D
 a small built-in dataset of a noisy heuristic on Freeway that the script collects and caches itself.
 """
 
-import gzip
 import os
 import random
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
-import ale_py
 import gymnasium as gym
 import numpy as np
 import torch
@@ -30,12 +27,11 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-gym.register_envs(ale_py)
+from utils.atari_data import builtin_replay_dir, load_replay_logs, make_env
+from utils.evaluation import epsilon_greedy, evaluate
+from utils.validation import DatasetError
+
 FRAME_STACK = 4
-REPLAY_LAYOUT = (
-    "expected <replay-dir>/$store$_{observation,action,reward,terminal}_ckpt.<N>.gz, each np.save output written "
-    "through gzip: observation uint8 [n,84,84], action int32 [n], reward float32 [n], terminal uint8 [n]"
-)
 
 
 @dataclass
@@ -151,57 +147,6 @@ def calc_mc_returns(rewards, terminals, episode_ends, gamma, failure_reward=None
     return a.astype(np.float32)
 
 
-def read_npy_gz(path: Path, max_rows: int | None = None) -> np.ndarray:
-    """np.load of a gzipped .npy file that reads only the first max_rows rows (1M frames are 7 GB)."""
-    if not path.exists():
-        sys.exit(f"error: missing {path}; {REPLAY_LAYOUT}")
-    try:
-        with gzip.open(path) as f:
-            fmt = np.lib.format
-            read_header = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
-            shape, fortran, dtype = read_header(f)
-            rows = shape[0] if max_rows is None else min(max_rows, shape[0])
-            count = rows * int(np.prod(shape[1:]))
-            array = np.frombuffer(f.read(count * dtype.itemsize), dtype)
-        if fortran or array.size != count:
-            raise ValueError("Fortran-ordered" if fortran else f"only {array.size} of {count} values")
-        return array.reshape((rows, *shape[1:]))
-    except Exception as e:  # bad gzip, bad header, short file: all mean the same for the user
-        sys.exit(f"error: cannot read {path} ({type(e).__name__}: {e}); {REPLAY_LAYOUT}")
-
-
-def load_replay_logs(replay_dir, checkpoints, transitions_per_checkpoint=None) -> dict:
-    """Concatenate checkpoints of a DQN Replay `replay_logs` folder; every checkpoint's last step ends a trajectory."""
-    replay_dir, chunks = Path(replay_dir), []
-    for ckpt in checkpoints:
-        file = {k: replay_dir / f"$store$_{k}_ckpt.{ckpt}.gz" for k in ("observation", "action", "reward", "terminal")}
-        small = {k: read_npy_gz(file[k]) for k in ("action", "reward", "terminal")}
-        n = len(small["action"])
-        rows = n if transitions_per_checkpoint is None else min(n, transitions_per_checkpoint)
-        episode_ends = np.zeros(n, bool)
-        count_file = replay_dir / f"add_count_ckpt.{ckpt}.gz"  # Dopamine's circular-buffer cursor, when present
-        if count_file.exists():
-            add_count = int(np.load(gzip.open(count_file)))
-            rows = min(rows, add_count)  # a buffer that never filled up: the rest is empty
-            if add_count > n:  # a full circular buffer: its newest step is followed by its oldest one
-                episode_ends[add_count % n - 1] = True
-        episode_ends[rows - 1] = True
-        arrays = {"observation": read_npy_gz(file["observation"], rows), **small}
-        for k, v in arrays.items():
-            frame_shape, frame_dtype = ((84, 84), np.uint8) if k == "observation" else ((), v.dtype)
-            if v.shape[1:] != frame_shape or v.dtype != frame_dtype or len(v) < rows:
-                sys.exit(f"error: {file[k]} has shape {v.shape} and dtype {v.dtype}; {REPLAY_LAYOUT}")
-        chunks.append([v[:rows] for v in arrays.values()] + [episode_ends[:rows]])
-    # a single checkpoint is used as read: no second copy of the frames
-    frames, actions, rewards, terminals, ends = (np.concatenate(c) if len(c) > 1 else c[0] for c in zip(*chunks))
-    terminals, ends = terminals.astype(bool), ends | terminals.astype(bool)
-    returns = np.add.reduceat(rewards, np.flatnonzero(np.r_[True, ends[:-1]]))[terminals[ends]]  # finished episodes
-    print(f"offline data: {len(actions)} transitions, {len(returns)} finished episodes, mean return "
-          f"{returns.mean() if len(returns) else float('nan'):.1f}")
-    return dict(frames=frames, actions=actions.astype(np.int64), rewards=rewards.astype(np.float32),
-                terminals=terminals, episode_ends=ends)
-
-
 class FrameStore:
     """Transitions whose single 84x84 frames are stored once (uint8); 4-frame stacks are assembled when sampling.
 
@@ -258,17 +203,6 @@ class FrameStore:
                     terminals=d["terminals"][idx].astype(np.float32), mc_returns=d["mc_returns"][idx])
 
 
-def make_env(env_id, seed, max_episode_steps=None, render_mode=None):
-    if env_id not in gym.registry or "ale_py" not in str(gym.registry[env_id].entry_point):
-        sys.exit(f"error: unknown Atari env id {env_id!r}; use an ALE id such as ALE/Pong-v5")
-    env = gym.make(env_id, frameskip=1, repeat_action_probability=0.25, render_mode=render_mode)
-    env = gym.wrappers.AtariPreprocessing(env, noop_max=0, frame_skip=4, screen_size=84, grayscale_obs=True)
-    if max_episode_steps is not None:
-        env = gym.wrappers.TimeLimit(env, max_episode_steps)  # after the frame skip: counts agent steps
-    env.reset(seed=seed)  # seeds the emulator; later resets continue its random stream
-    return env
-
-
 def run_episode(env, policy, epsilon, rng) -> dict:
     """Play one episode epsilon-greedily around policy(stack); returns its transitions with raw rewards."""
     frame, _ = env.reset()
@@ -292,35 +226,6 @@ def label(transitions, gamma) -> dict:
     rewards = np.clip(transitions["rewards"], -1, 1)
     mc_returns = calc_mc_returns(rewards, transitions["terminals"], transitions["episode_ends"], gamma)
     return {**transitions, "rewards": rewards, "mc_returns": mc_returns}
-
-
-def builtin_replay_dir(args) -> Path:
-    """Collect once, then reuse, a Freeway dataset of 'press UP' with probability 1 - dataset_epsilon."""
-    game = args.env_id.split("/")[-1].split("-")[0]
-    replay_dir = Path("datasets/atari") / game / "replay_logs"
-    if replay_dir.exists():
-        print(f"reusing the built-in dataset in {replay_dir} (delete it to collect a new one)")
-        return replay_dir
-    if game != "Freeway":
-        sys.exit(f"error: the built-in dataset exists only for ALE/Freeway-v5; pass --replay-dir for {args.env_id}")
-    env = make_env(args.env_id, args.seed + 2)
-    up = env.unwrapped.get_action_meanings().index("UP")
-    rng, episodes, n = np.random.default_rng(args.seed + 2), [], 0
-    with tqdm(total=args.dataset_size, desc="collecting built-in dataset") as pbar:
-        while n < args.dataset_size:
-            episodes.append(run_episode(env, lambda stack: up, args.dataset_epsilon, rng))
-            n += len(episodes[-1]["actions"])
-            pbar.update(min(len(episodes[-1]["actions"]), args.dataset_size - pbar.n))
-    env.close()
-    tmp_dir = replay_dir.with_name("replay_logs.tmp")  # renamed when complete: an interrupted run leaves no cache
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    layout = dict(observation=("frames", np.uint8), action=("actions", np.int32), reward=("rewards", np.float32),
-                  terminal=("terminals", np.uint8))
-    for name, (key, dtype) in layout.items():
-        with gzip.open(tmp_dir / f"$store$_{name}_ckpt.0.gz", "wb", compresslevel=1) as f:
-            np.save(f, np.concatenate([e[key] for e in episodes])[: args.dataset_size].astype(dtype))
-    tmp_dir.rename(replay_dir)
-    return replay_dir
 
 
 class QNetwork(nn.Module):
@@ -410,12 +315,6 @@ def to_torch(batch, device) -> dict:
     return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
 
 
-def evaluate(env, qf, args, rng) -> float:
-    """Mean raw (unclipped) return over eval_episodes with an eval_epsilon-greedy policy."""
-    returns = [run_episode(env, qf.act, args.eval_epsilon, rng)["rewards"].sum() for _ in range(args.eval_episodes)]
-    return float(np.mean(returns))
-
-
 def log_metrics(writer, metrics, global_step, start_time):
     for key, value in metrics.items():
         value = value.item()
@@ -431,12 +330,16 @@ if __name__ == "__main__":
         sys.exit(f"error: --mixing-ratio {args.mixing_ratio} is the offline share of a batch: give a value in [0, 1]")
     if args.cudagraphs and not (args.cuda and torch.cuda.is_available()):
         sys.exit("error: --cudagraphs replays CUDA graphs and needs a CUDA GPU (with --cuda on); drop the flag on CPU")
-    env = make_env(args.env_id, args.seed, args.max_episode_steps)
-    eval_env = make_env(args.env_id, args.seed + 1, args.max_episode_steps, "rgb_array" if args.capture_video else None)
     # offline data: clipped rewards, MC labels per trajectory, frames stored once (loaded before the run folder is
     # created, so that a data error leaves no empty run behind)
-    data = load_replay_logs(args.replay_dir or builtin_replay_dir(args), args.checkpoints,
-                            args.transitions_per_checkpoint)
+    try:
+        env = make_env(args.env_id, args.seed, args.max_episode_steps)
+        eval_env = make_env(args.env_id, args.seed + 1, args.max_episode_steps, "rgb_array" if args.capture_video else None)
+        replay_dir = args.replay_dir or builtin_replay_dir(args.env_id, args.dataset_size, args.dataset_epsilon, args.seed + 2)
+        data = load_replay_logs(replay_dir, args.checkpoints, args.transitions_per_checkpoint)
+    except DatasetError as e:
+        raise SystemExit(f"error: {e}")
+    eval_env = gym.wrappers.FrameStackObservation(eval_env, FRAME_STACK, padding_type="zero")  # as the frame store
     n_actions = env.action_space.n
     if data["actions"].max() >= n_actions:
         sys.exit(f"error: the dataset has action {data['actions'].max()} but {args.env_id} has {n_actions} actions")
@@ -473,7 +376,8 @@ if __name__ == "__main__":
     global_step, env_steps, start_time = 0, 0, time.time()
 
     def report_eval(phase):
-        eval_return = evaluate(eval_env, qf, args, rng)
+        policy = epsilon_greedy(qf.act, n_actions, args.eval_epsilon, rng)
+        eval_return = evaluate(eval_env, policy, args.eval_episodes, args.seed + 1)["return"]  # raw, unclipped
         writer.add_scalar("eval/return", eval_return, global_step)
         tqdm.write(f"eval ({phase}) at gradient step {global_step}, env step {env_steps}: return {eval_return:.1f}")
         return eval_return

@@ -26,8 +26,10 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from utils.datasets import TASKS, DatasetError, check_dataset_fits_env, get_task, load_dataset, make_env
+from utils.datasets import load_dataset
 from utils.evaluation import evaluate
+from utils.tasks import TASKS, check_dataset_fits_env, get_task, make_env
+from utils.validation import DatasetError
 
 
 @dataclass

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from utils.datasets import collect_pointmaze_dataset, register_robotics_envs, write_d4rl_hdf5
+from utils.datasets import write_d4rl_hdf5
+from utils.pointmaze import collect_pointmaze_dataset
+from utils.tasks import register_robotics_envs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,16 +165,20 @@ def stack(frames):
 @pytest.fixture
 def minari_pointmaze(minari_store):
     """A two-episode Minari dataset recorded on the embedded PointMaze env (dict observations), in a temp store."""
+    return "test/pointmaze/random-v0", minari_store("test/pointmaze/random-v0", pointmaze_env(), [5, 5])
+
+
+def pointmaze_env() -> gym.Env:
+    """The embedded task's gymnasium env, raw (dict observations), 5 steps per episode."""
     register_robotics_envs()
-    env = gym.make("PointMaze_UMaze-v3", continuing_task=False, max_episode_steps=5)
-    return "test/pointmaze/random-v0", minari_store("test/pointmaze/random-v0", env, [5, 5])
+    return gym.make("PointMaze_UMaze-v3", continuing_task=False, max_episode_steps=5)
 
 
 @pytest.fixture(scope="session")
 def pointmaze_data_dir(tmp_path_factory):
     """The embedded task's dataset, collected once per test session (a smaller one than the default)."""
     folder = tmp_path_factory.mktemp("datasets")
-    collect_pointmaze_dataset(str(folder / "pointmaze-umaze.hdf5"), n_transitions=5_000)
+    write_d4rl_hdf5(str(folder / "pointmaze-umaze.hdf5"), collect_pointmaze_dataset(n_transitions=5_000))
     return str(folder)
 
 

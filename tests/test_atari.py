@@ -1,13 +1,18 @@
-"""Tests of cal_ql_atari.py (its MC labels: tests/test_mc_returns.py): the DQN Replay loader, frame stacking, the Cal-QL loss, and a smoke run."""
+"""Tests of cal_ql_atari.py (its MC labels: tests/test_mc_returns.py) and its utils: the DQN Replay loader, frame
+stacking, evaluation, the Cal-QL loss, and a smoke run."""
 
 import gzip
 
+import gymnasium
 import numpy as np
 import pytest
 import torch
 
 import cal_ql_atari as atari
 from conftest import FAST_MODES, assert_same_training, host_reads, scalars
+from utils.atari_data import load_replay_logs, make_env
+from utils.evaluation import epsilon_greedy, evaluate
+from utils.validation import DatasetError
 
 GAMMA = 0.99
 
@@ -44,7 +49,7 @@ def frame_ids(stacks):
 def test_replay_loader_concatenates_checkpoints_and_ends_a_trajectory_at_each(atari_replay_logs):
     atari_replay_logs(0, **numbered_replay(6, terminal_at=[2]))
     folder = atari_replay_logs(1, **numbered_replay(5))
-    data = atari.load_replay_logs(folder, checkpoints=(0, 1), transitions_per_checkpoint=4)
+    data = load_replay_logs(folder, checkpoints=(0, 1), transitions_per_checkpoint=4)
     assert data["frames"].shape == (8, 84, 84) and data["frames"].dtype == np.uint8
     assert data["frames"][:, 0, 0].tolist() == [1, 2, 3, 4, 1, 2, 3, 4]
     assert data["rewards"].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
@@ -57,26 +62,62 @@ def test_replay_loader_cuts_a_full_circular_buffer_at_its_cursor(atari_replay_lo
     folder = atari_replay_logs(0, **numbered_replay(8))
     with gzip.open(folder / "add_count_ckpt.0.gz", "wb") as f:
         np.save(f, np.array(8 + 3))  # the cursor stands at index 3: index 2 is the newest step, index 3 the oldest
-    assert np.flatnonzero(atari.load_replay_logs(folder, (0,))["episode_ends"]).tolist() == [2, 7]
+    assert np.flatnonzero(load_replay_logs(folder, (0,))["episode_ends"]).tolist() == [2, 7]
 
 
-@pytest.mark.parametrize("broken", ["missing", "not_gzip", "wrong_frame_shape", "short_rewards"])
+BROKEN_REPLAY = {  # what is broken -> (the file named, the problem stated)
+    "missing": ("reward", "missing"),
+    "not_gzip": ("terminal", "cannot read"),
+    "wrong_frame_shape": ("observation", "has shape (5, 64, 64), expected (n, 84, 84)"),
+    "wrong_frame_dtype": ("observation", "has dtype float32, expected uint8"),
+    "short_rewards": ("reward", "has 3 rows but $store$_observation_ckpt.0.gz has 5"),
+    "nan_rewards": ("reward", "is not finite at row 2 (1 of 5 rows)"),
+    "actions_of_rank_2": ("action", "has shape (5, 1), expected (n)"),
+}
+
+
+@pytest.mark.parametrize("broken", BROKEN_REPLAY)
 def test_unreadable_replay_file_is_one_error_line_naming_the_file_and_layout(atari_replay_logs, broken):
     data = numbered_replay(5)
     data["observation"] = data["observation"][:, :64, :64] if broken == "wrong_frame_shape" else data["observation"]
+    data["observation"] = data["observation"].astype(np.float32) if broken == "wrong_frame_dtype" else data["observation"]
     data["reward"] = data["reward"][:3] if broken == "short_rewards" else data["reward"]
+    data["reward"][2] = np.nan if broken == "nan_rewards" else data["reward"][2]
+    data["action"] = data["action"][:, None] if broken == "actions_of_rank_2" else data["action"]
     folder = atari_replay_logs(0, **data)
-    bad_file = {"missing": "reward", "not_gzip": "terminal"}.get(broken)
     if broken == "missing":
         (folder / "$store$_reward_ckpt.0.gz").unlink()
     if broken == "not_gzip":
         (folder / "$store$_terminal_ckpt.0.gz").write_bytes(b"not a gzip file")
-    with pytest.raises(SystemExit) as error:
-        atari.load_replay_logs(folder, (0,))
+    with pytest.raises(DatasetError) as error:
+        load_replay_logs(folder, (0,))
     message = str(error.value)
     assert "\n" not in message and "expected <replay-dir>/$store$_" in message
-    expected_file = {"wrong_frame_shape": "observation", "short_rewards": "reward"}.get(broken, bad_file)
-    assert f"$store$_{expected_file}_ckpt.0.gz" in message
+    bad_file, problem = BROKEN_REPLAY[broken]
+    assert f"$store$_{bad_file}_ckpt.0.gz" in message and problem in message, message
+
+
+def test_corrupt_buffer_cursor_is_one_error_line(atari_replay_logs):
+    folder = atari_replay_logs(0, **numbered_replay(5))
+    (folder / "add_count_ckpt.0.gz").write_bytes(b"not a gzip file")
+    with pytest.raises(DatasetError, match=r"^cannot read \S+/add_count_ckpt.0.gz \(BadGzipFile: .*delete it to load every row$"):
+        load_replay_logs(folder, (0,))
+
+
+def test_the_script_stops_on_bad_replay_data_with_the_one_error_line(atari_replay_logs, run_script):
+    data = numbered_replay(5)
+    data["reward"][2] = np.nan
+    proc = run_script("cal_ql_atari.py", "--replay-dir", str(atari_replay_logs(0, **data)), check=False)
+    assert proc.returncode == 1
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and "$store$_reward_ckpt.0.gz is not finite at row 2" in last_line
+
+
+@pytest.mark.parametrize("rows", [0, 1])
+def test_replay_without_a_complete_transition_is_refused(atari_replay_logs, rows):
+    folder = atari_replay_logs(0, **numbered_replay(rows))  # one row without a terminal has no next frame
+    with pytest.raises(DatasetError, match="holds no transition: it is empty" if rows == 0 else "hold no complete transition"):
+        load_replay_logs(folder, (0,))
 
 
 # ---------------- frame stacks ----------------
@@ -113,6 +154,32 @@ def test_online_buffer_grows_by_labelled_episodes():
     obs, _ = store.stacks(np.array([3]))
     assert frame_ids(obs) == [[0, 0, 0, 5]]
     assert store.sample(4, rng)["obs"].shape == (4, 4, 84, 84)
+
+
+# ---------------- evaluation ----------------
+
+
+def test_evaluation_plays_zero_padded_frame_stacks_and_reports_the_raw_return():
+    """The evaluation env stacks frames as the frame store does, and evaluate() sums the raw, unclipped rewards."""
+    env = gymnasium.wrappers.FrameStackObservation(make_env("ALE/Freeway-v5", seed=0, max_episode_steps=4), 4, padding_type="zero")
+    seen = []
+
+    def policy(stack):
+        seen.append(stack.copy())
+        return 1  # UP
+
+    result = evaluate(env, epsilon_greedy(policy, 3, epsilon=0.0, rng=np.random.default_rng(0)), n_episodes=2, seed=0)
+    assert len(seen) == 8 and result["length"] == 4
+    first = seen[0]
+    assert first.shape == (4, 84, 84) and not first[:3].any() and first[3].any()  # zeros before the first frame
+    np.testing.assert_array_equal(seen[1][2], first[3])  # the stack shifts by one frame per step
+    np.testing.assert_array_equal(seen[4], first)  # every evaluation episode starts from the same seeded reset
+
+
+def test_epsilon_greedy_takes_random_actions_at_rate_epsilon():
+    policy = epsilon_greedy(lambda obs: 7, n_actions=3, epsilon=0.25, rng=np.random.default_rng(0))
+    actions = np.array([policy(None) for _ in range(4000)])
+    assert abs(np.mean(actions != 7) - 0.25) < 0.03 and set(actions[actions != 7].tolist()) == {0, 1, 2}
 
 
 # ---------------- the Cal-QL loss ----------------
@@ -191,8 +258,8 @@ def test_cudagraphs_without_a_gpu_is_one_clear_error(run_script):
 
 
 def test_unknown_env_id_is_one_clear_error():
-    with pytest.raises(SystemExit, match="unknown Atari env id 'ALE/NoSuchGame-v5'"):
-        atari.make_env("ALE/NoSuchGame-v5", seed=0)
+    with pytest.raises(DatasetError, match="unknown Atari env id 'ALE/NoSuchGame-v5'"):
+        make_env("ALE/NoSuchGame-v5", seed=0)
 
 
 # ---------------- end to end on the real ALE ----------------
@@ -205,7 +272,7 @@ SMOKE = ["--dataset-size", "300", "--offline-updates", "20", "--offline-eval-eve
 def test_smoke_run_pretrains_finetunes_evaluates_and_saves(run_script, tmp_path):
     run_script("cal_ql_atari.py", *SMOKE, "--capture-video")
     replay_logs = tmp_path / "datasets/atari/Freeway/replay_logs"
-    assert atari.load_replay_logs(replay_logs, (0,))["frames"].shape == (300, 84, 84)
+    assert load_replay_logs(replay_logs, (0,))["frames"].shape == (300, 84, 84)
     (run_dir,) = (tmp_path / "runs").iterdir()
     for checkpoint in ("cal_ql_atari_offline.cleanrl_model", "cal_ql_atari.cleanrl_model"):
         atari.QNetwork(3).load_state_dict(torch.load(run_dir / checkpoint))

@@ -1,9 +1,15 @@
 """Dataset loaders on small files written in the real formats, the embedded task, and their error messages."""
 
+import os
+
+import h5py
 import numpy as np
 import pytest
 
-from utils.datasets import DatasetError, check_dataset_fits_env, get_task, load_d4rl_hdf5, load_dataset, load_minari, make_env
+from conftest import pointmaze_env
+from utils.datasets import load_d4rl_hdf5, load_dataset, load_minari, write_d4rl_hdf5
+from utils.tasks import check_dataset_fits_env, get_task, make_env
+from utils.validation import DatasetError
 
 
 def d4rl_arrays(n=6, with_next=True):
@@ -20,17 +26,37 @@ def d4rl_arrays(n=6, with_next=True):
 
 def test_d4rl_hdf5_drops_timeout_transitions_and_marks_trajectory_ends(d4rl_file):
     data = load_d4rl_hdf5(d4rl_file(**d4rl_arrays()))
-    np.testing.assert_array_equal(data["rewards"], [0, 1, 2, 3, 5])  # row 4 (the timeout) is gone
-    np.testing.assert_array_equal(data["terminals"], [0, 1, 0, 0, 0])
-    np.testing.assert_array_equal(data["episode_ends"], [0, 1, 0, 1, 1])
+    np.testing.assert_array_equal(data["rewards"], [0, 1, 2, 3])  # row 4 (the timeout) is gone, row 5 never ends
+    np.testing.assert_array_equal(data["terminals"], [0, 1, 0, 0])
+    np.testing.assert_array_equal(data["episode_ends"], [0, 1, 0, 1])
     np.testing.assert_array_equal(data["next_observations"], data["observations"] + 100)
     assert all(data[k].dtype == np.float32 for k in ("observations", "actions", "rewards", "next_observations"))
 
 
 def test_d4rl_hdf5_without_next_observations_uses_the_following_row(d4rl_file):
     data = load_d4rl_hdf5(d4rl_file(**d4rl_arrays(with_next=False)))
-    np.testing.assert_array_equal(data["rewards"], [0, 1, 2, 3])  # the last row has no successor
+    np.testing.assert_array_equal(data["rewards"], [0, 1, 2, 3])
     np.testing.assert_array_equal(data["next_observations"][2], data["observations"][3])
+
+
+@pytest.mark.parametrize("with_next", [True, False])
+@pytest.mark.parametrize(
+    "terminals, timeouts, rows, episode_ends",
+    [  # the official Cal-QL code's rows; d4rl.qlearning_dataset stores the same, but for the trailing trajectory
+        ([0, 0, 1, 0, 0, 1], [0] * 6, [0, 1, 2, 3, 4], [2, 4]),  # the last row is never stored, even a terminal one
+        ([0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1], [0, 1, 2, 3, 4], [4]),  # nor a timeout
+        ([0, 1, 0, 0, 0, 0], [0] * 6, [0, 1], [1]),  # a trailing trajectory without an end: dropped (d4rl: rows 0-4)
+        ([0, 0, 0, 1, 0, 0], [1, 0, 0, 0, 0, 1], [1, 2, 3, 4], [3, 4]),  # a timeout row is dropped anywhere
+    ],
+)
+def test_d4rl_hdf5_end_of_file_follows_the_official_cal_ql_code(d4rl_file, terminals, timeouts, rows, episode_ends, with_next):
+    arrays = {**d4rl_arrays(with_next=with_next), "terminals": np.array(terminals, bool), "timeouts": np.array(timeouts, bool)}
+    data = load_d4rl_hdf5(d4rl_file(**arrays))
+    np.testing.assert_array_equal(data["rewards"], rows)  # reward i is written on row i
+    np.testing.assert_array_equal(data["terminals"], np.array(terminals, bool)[rows])
+    np.testing.assert_array_equal(np.array(rows)[data["episode_ends"]], episode_ends)
+    expected_next = arrays["next_observations"][rows] if with_next else arrays["observations"][np.array(rows) + 1]
+    np.testing.assert_array_equal(data["next_observations"], expected_next)
 
 
 def test_missing_corrupt_and_incomplete_files_name_the_problem(tmp_path, d4rl_file):
@@ -87,3 +113,96 @@ def test_embedded_pointmaze_data_is_relabelled_to_the_fixed_goal(pointmaze_data_
     np.testing.assert_array_equal(data["terminals"], reached)
     np.testing.assert_array_equal(data["rewards"], reached.astype(np.float32))
     assert 0 < data["terminals"].mean() < 0.5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every loader checks its arrays once, right after reading them: one line naming the source, the field and the fix
+
+
+def error_line(load, *args) -> str:
+    with pytest.raises(DatasetError) as error:
+        load(*args)
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+def with_nan(array, row):
+    array = array.astype(np.float32)
+    array[row] = np.nan
+    return array
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(rewards=np.zeros(5, np.float32)), "rewards has 5 rows but observations has 6: every field needs one row per transition"),
+        (dict(rewards=with_nan(np.zeros(6), 3)), "rewards is not finite at row 3 (1 of 6 rows): repair or drop those transitions"),
+        (dict(next_observations=with_nan(np.zeros((6, 2)), 4)), "next_observations is not finite at row 4"),
+        (dict(observations=np.zeros(6, np.float32)), "observations has shape (6,), expected (n, d): one row per transition"),
+        (dict(next_observations=np.zeros((6, 3), np.float32)), "next_observations has shape (6, 3), expected (n, 2) like observations"),
+        (dict(actions=np.array([b"up"] * 6)), "actions has dtype |S2, expected bool or int or unsigned int or float"),
+        ({k: v[:0] for k, v in d4rl_arrays().items()}, "holds no transition: it is empty"),
+        (dict(terminals=np.zeros(6, bool), timeouts=np.array([1, 1, 1, 1, 1, 1], bool)), "holds no complete transition: end each trajectory"),
+    ],
+    ids=["lengths", "nan_rewards", "nan_next_observations", "rank", "next_observations_size", "dtype", "empty", "no_complete_transition"],
+)
+def test_malformed_d4rl_file_is_one_line_naming_the_file_the_field_and_the_fix(d4rl_file, change, message):
+    path = d4rl_file(**{**d4rl_arrays(), **change})
+    line = error_line(load_d4rl_hdf5, path)
+    assert line.startswith(f"dataset file {path}") and message in line, line
+
+
+def test_scalar_columns_stored_as_n_by_1_are_accepted(d4rl_file):
+    arrays = d4rl_arrays()
+    column = {k: arrays[k][:, None] for k in ("rewards", "terminals", "timeouts")}
+    np.testing.assert_array_equal(load_d4rl_hdf5(d4rl_file(**{**arrays, **column}))["rewards"], load_d4rl_hdf5(d4rl_file("flat.hdf5", **arrays))["rewards"])
+
+
+def test_minari_episode_with_nan_rewards_is_named_by_its_index(minari_store):
+    minari_store("test/pointmaze/nan-v0", pointmaze_env(), [3, 3], rewards=[[0, 0, 0], [0, float("nan"), 0]])
+    assert error_line(load_minari, "test/pointmaze/nan-v0") == (
+        "Minari dataset test/pointmaze/nan-v0, trajectory 1: rewards is not finite at row 1 (1 of 3 rows): repair or drop those transitions")
+
+
+def test_awac_trajectory_with_a_missing_action_is_named_by_file_and_index(awac_files):
+    dataset_dir = awac_files("pen", 45, 24, [[-1, 0]], [[-1, 0], [-1, -1, 0]])
+    path = f"{dataset_dir}/offpolicy_hand_data/pen_bc_sparse4.npy"
+    trajectories = np.load(path, allow_pickle=True)
+    trajectories[1]["actions"] = trajectories[1]["actions"][:2]
+    np.save(path, trajectories, allow_pickle=True)
+    assert error_line(load_dataset, "pen-binary-v0", None, None, dataset_dir) == (
+        f"{path}, trajectory 1: actions has 2 rows but observations has 3: every field needs one row per transition")
+
+
+def test_a_script_given_a_malformed_file_stops_with_the_one_error_line(run_script, d4rl_file):
+    path = d4rl_file(**{**d4rl_arrays(), "rewards": np.zeros(5, np.float32)})
+    proc = run_script("cal_ql_continuous.py", "--env-id", "PointMaze_UMaze-v3", "--dataset-path", path, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == f"error: dataset file {path}: rewards has 5 rows but observations has 6: every field needs one row per transition"
+
+
+def test_concurrent_writers_of_one_file_each_rename_their_own_complete_file(tmp_path, monkeypatch):
+    """Two grid workers collecting the embedded dataset at once: each writes a temporary file of its own in the target
+    folder and renames it; the reader always finds a complete file, and no temporary file is left."""
+    renamed, real_replace = [], os.replace
+
+    def replace(src, dst):
+        renamed.append(src)
+        assert_file_holds(src, d4rl_arrays())  # complete before it is renamed
+        if len(renamed) == 1:  # the other worker renames its file while this one is still writing
+            write_d4rl_hdf5(dst, d4rl_arrays())
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "pointmaze-umaze.hdf5"
+    write_d4rl_hdf5(str(target), d4rl_arrays())
+    assert len(set(renamed)) == 2 and all(os.path.dirname(src) == str(tmp_path) for src in renamed)
+    assert_file_holds(target, d4rl_arrays())
+    assert os.listdir(tmp_path) == [target.name]
+
+
+def assert_file_holds(path, arrays):
+    with h5py.File(path, "r") as f:
+        assert sorted(f) == sorted(arrays)
+        for k, v in arrays.items():
+            np.testing.assert_array_equal(f[k][()], v)

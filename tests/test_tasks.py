@@ -5,6 +5,7 @@ errors, the presets, and end-to-end runs with offline and online updates on each
 import socket
 import sys
 import tempfile
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -14,13 +15,15 @@ from gymnasium_robotics.envs.franka_kitchen.kitchen_env import OBS_ELEMENT_GOALS
 from gymnasium_robotics.utils.rotations import euler2quat
 
 from conftest import TINY, scalars
-from utils.datasets import ANTMAZE_EVAL_MAPS, TASKS, DatasetError, check_dataset_fits_env, load_dataset, make_env, register_robotics_envs
+from utils.datasets import load_dataset
 from utils.evaluation import evaluate
+from utils.tasks import ANTMAZE_EVAL_MAPS, TASKS, check_dataset_fits_env, make_env, maze_cell, register_robotics_envs
+from utils.validation import DatasetError
 
 SHAPES = {  # observation dim, action dim, horizon
     "pen-binary-v0": (45, 24, 100), "door-binary-v0": (39, 28, 200), "relocate-binary-v0": (39, 30, 200),
-    **{f"antmaze-{name}-v2": (2 + 2 + 27, 8, 700) for name in ("umaze", "umaze-diverse")},
-    **{f"antmaze-{size}-{kind}-v2": (2 + 2 + 27, 8, 1000) for size in ("medium", "large") for kind in ("play", "diverse")},
+    **{f"antmaze-{name}-v2": (15 + 14, 8, 700) for name in ("umaze", "umaze-diverse")},  # D4RL's qpos + qvel
+    **{f"antmaze-{size}-{kind}-v2": (15 + 14, 8, 1000) for size in ("medium", "large") for kind in ("play", "diverse")},
     "kitchen-complete": (11 + 11 + 59, 9, 1000), "kitchen-partial": (11 + 11 + 59, 9, 1000), "kitchen-mixed": (12 + 12 + 59, 9, 1000),
 }
 
@@ -39,7 +42,7 @@ def recording_env(env_id: str) -> gym.Env:
     task = TASKS[env_id]
     if task.family == "antmaze":  # continuing, the goal never moves; umaze with its fixed start and goal
         maze = ANTMAZE_EVAL_MAPS["umaze"] if env_id == "antmaze-umaze-v2" else gym.spec(task.gym_id).kwargs["maze_map"]
-        return gym.make(task.gym_id, maze_map=maze, continuing_task=True, reset_target=False)
+        return gym.make(task.gym_id, **{**task.env_kwargs, "maze_map": maze})
     if task.family == "kitchen":  # the task's own sub-tasks, never removed, no early end
         return gym.make(task.gym_id, **task.env_kwargs, max_episode_steps=280 if env_id == "kitchen-complete" else 450)
     return gym.make(task.gym_id)  # Adroit: dense reward, the success flag in info
@@ -50,9 +53,15 @@ def recording_env(env_id: str) -> gym.Env:
 
 
 @pytest.mark.parametrize("env_id", SHAPES)
-def test_every_paper_task_builds_its_environment(env_id):
-    env = make_env(env_id, seed=0)
-    obs, _ = env.reset(seed=0)
+def test_every_paper_task_builds_its_environment_without_warnings(env_id):
+    """No warning a user would see: e.g. AntMaze v4 is out of date (chosen on purpose), Kitchen's shared arrays."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        env = make_env(env_id, seed=0)
+        obs, _ = env.reset(seed=0)
+        for _ in range(2):  # gymnasium's env checker looks at the reset and the first two steps
+            env.step(env.action_space.sample())
+    assert [str(w.message) for w in caught] == []
     assert (obs.shape[0], env.action_space.shape[0], env.spec.max_episode_steps) == SHAPES[env_id]
 
 
@@ -64,10 +73,30 @@ def test_antmaze_evaluates_in_the_recorded_maze_from_a_fixed_start_to_a_fixed_go
         assert [[cell == 1 for cell in row] for row in evaluated] == [[cell == 1 for cell in row] for row in recorded]
         env = make_env(env_id, seed=0)
         maze = env.unwrapped.maze
-        for seed in range(3):  # flat observation: achieved goal (the ant's x, y), desired goal, the 27 ant states
+        assert tuple(maze.cell_xy_to_rowcol(env.goal)) == maze_cell(evaluated, "g")
+        for seed in range(3):  # the ant's x, y lead its 29 states
             obs, _ = env.reset(seed=seed)
-            cells = [tuple(maze.cell_xy_to_rowcol(xy)) for xy in (obs[:2], obs[2:4])]
-            assert [evaluated[r][c] for r, c in cells] == ["r", "g"]
+            assert tuple(maze.cell_xy_to_rowcol(obs[:2])) == maze_cell(evaluated, "r")
+
+
+def place_ant(env, xy):
+    """Put the ant (at rest, as after a reset) at xy."""
+    ant = env.unwrapped.ant_env
+    qpos = ant.data.qpos.copy()
+    qpos[:2] = xy
+    ant.set_state(qpos, ant.data.qvel.copy())
+
+
+@pytest.mark.parametrize("env_id", ["antmaze-umaze-v2", "antmaze-medium-play-v2", "antmaze-large-diverse-v2"])
+def test_antmaze_reaching_the_goal_gives_reward_terminated_and_success(env_id):
+    env = make_env(env_id, seed=0)
+    centre = env.unwrapped.maze.cell_rowcol_to_xy(np.array(maze_cell(TASKS[env_id].env_kwargs["maze_map"], "g")))
+    for offset, reached in ((0.48, True), (0.55, False)):  # D4RL's radius 0.5, not the env's own 0.45
+        env.reset(seed=0)
+        place_ant(env, centre + [offset, 0.0])
+        obs, reward, terminated, truncated, info = env.step(np.zeros(8))
+        np.testing.assert_allclose(obs[:2], centre + [offset, 0.0], atol=1e-3)  # a still ant stays where it was put
+        assert (reward, terminated, truncated, info["success"]) == (float(reached), reached, False, reached)
 
 
 def aligned_pen_state(env):
@@ -140,14 +169,39 @@ def test_minari_adroit_reward_is_binarised_from_the_success_flag(minari_store, m
         load_dataset("pen-binary-v0", None, minari_pointmaze[0], "unused")
 
 
-def test_minari_antmaze_goal_steps_are_terminal_and_the_data_is_flattened_like_the_env(minari_store):
-    minari_store("D4RL/antmaze/umaze-v1", recording_env("antmaze-umaze-v2"), [6, 6], rewards=[[0, 0, 1, 1, 0, 0], [0] * 6])
+def test_minari_antmaze_observations_are_the_envs_29_ant_states(minari_store):
+    minari_store("D4RL/antmaze/umaze-v1", recording_env("antmaze-umaze-v2"), [3, 3])
     data = load_dataset("antmaze-umaze-v2", None, None, "unused")  # the task's own dataset id
     env = make_env("antmaze-umaze-v2", seed=0)
     check_dataset_fits_env(data, env, "D4RL/antmaze/umaze-v1")
-    np.testing.assert_array_equal(data["terminals"], data["rewards"] == 1)
-    np.testing.assert_array_equal(np.flatnonzero(data["episode_ends"]), [2, 3, 5, 11])  # each goal step ends a segment
     np.testing.assert_allclose(data["observations"][0], env.reset(seed=0)[0], rtol=1e-6, atol=1e-6)  # same reset
+    np.testing.assert_allclose(data["observations"][0], np.concatenate([env.unwrapped.data.qpos, env.unwrapped.data.qvel]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("env_id, elsewhere", [("antmaze-umaze-v2", (1, 3)), ("antmaze-medium-play-v2", (4, 4))])
+def test_minari_antmaze_is_relabelled_at_the_evaluation_goal_only(env_id, elsewhere, minari_store):
+    """Recorded with its own goal in another cell and reward 1 at every step, from the start cell or the goal cell:
+    after loading, reward 1 and terminal exactly within 0.5 of the evaluation goal cell's centre, and each ends a segment."""
+    task, lengths = TASKS[env_id], [5] * 12
+    recorded_map = [[{"g": "r"}.get(v, v) for v in row] for row in task.env_kwargs["maze_map"]]
+    recorded_map[elsewhere[0]][elsewhere[1]] = "g"
+    recorder = gym.make(task.gym_id, **{**task.env_kwargs, "maze_map": recorded_map})
+    recorder.unwrapped.position_noise_range = 0.1  # starts within 0.4 of a cell's centre (x, y), as some reach the goal
+    minari_store(task.dataset_id, recorder, lengths, rewards=[[1.0] * n for n in lengths])
+    data = load_dataset(env_id, None, None, "unused")
+    check_dataset_fits_env(data, make_env(env_id, seed=0), task.dataset_id)
+
+    maze = recorder.unwrapped.maze
+    goal_cell = maze_cell(task.env_kwargs["maze_map"], "g")
+    xy = data["next_observations"][:, :2]
+    reached = np.linalg.norm(xy - maze.cell_rowcol_to_xy(np.array(goal_cell)), axis=1) <= 0.5
+    cells = [tuple(int(i) for i in maze.cell_xy_to_rowcol(p)) for p in xy]
+    assert reached.any() and {cell for cell, r in zip(cells, reached) if r} == {goal_cell}  # successes only there
+    assert len(set(cells)) > 1  # the data also lies elsewhere, where the recorded reward 1 must become 0
+    np.testing.assert_array_equal(data["rewards"], reached)
+    np.testing.assert_array_equal(data["terminals"], reached)
+    recorded_ends = np.cumsum(lengths) - 1
+    np.testing.assert_array_equal(np.flatnonzero(data["episode_ends"]), np.union1d(np.flatnonzero(reached), recorded_ends))
 
 
 def test_minari_kitchen_is_flattened_like_the_env(minari_store):

@@ -1,209 +1,32 @@
-"""Tasks, environments and offline datasets for the Cal-QL scripts.
+"""Offline datasets of the continuous scripts: the on-disk formats and each task family's data rules.
 
 Every loader returns one flat dict of numpy arrays (all trajectories concatenated):
 `observations`, `actions`, `rewards` (raw, unscaled), `next_observations`, `terminals` (the environment ended the
 episode: no bootstrapping) and `episode_ends` (true on the last stored transition of each trajectory).
 Dict observations are flattened the way gymnasium's `FlattenObservation` does (keys in the space's order), so data
 and environment always agree.
-
-The paper's tasks (Adroit binary, AntMaze, Kitchen) are rebuilt on gymnasium-robotics; each task's family decides how
-its data is processed (`load_dataset`) and which wrapper its environment gets (`make_env`).
 """
 
-import contextlib
-import io
 import os
 import pickle
 import socket
-from collections import deque
-from dataclasses import dataclass, field
+import tempfile
 
 import gymnasium as gym
 import numpy as np
 
+from utils.pointmaze import collect_pointmaze_dataset
+from utils.tasks import TASKS, ant_state, antmaze_goal, at_goal
+from utils.validation import NUMBERS, DatasetError, check_arrays
+
 FIELDS = ("observations", "actions", "rewards", "next_observations", "terminals", "episode_ends")
-
-
-class DatasetError(RuntimeError):
-    """A dataset is missing, unreadable or does not fit the environment; the message says how to fix it."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tasks
-
-
-@dataclass(frozen=True)
-class Task:
-    family: str  # selects the hyperparameter preset in the scripts, the data processing and the env wrapper
-    description: str
-    ref_min_score: float | None = None  # return of a failing policy, for the normalized score
-    ref_max_score: float | None = None  # return of a successful policy (None: the env reports info["normalized_score"])
-    gym_id: str | None = None  # the gymnasium-robotics environment the task is built on
-    env_kwargs: dict = field(default_factory=dict)  # passed to gym.make
-    max_episode_steps: int | None = None  # the task's horizon (TimeLimit)
-    dataset_id: str | None = None  # its Minari dataset, downloaded where a network exists
-    data_files: tuple[str, ...] = ()  # its files in --dataset-dir/offpolicy_hand_data (Adroit binary, the paper's data)
-
-
-POINTMAZE_EVAL_MAP = [[1, 1, 1, 1, 1], [1, "g", 0, 0, 1], [1, 1, 1, 0, 1], [1, 0, 0, 0, 1], [1, 1, 1, 1, 1]]
-POINTMAZE_GOAL_CELL = (1, 1)
-
-# AntMaze evaluation mazes: the maze the Minari data was recorded in, with D4RL's fixed start (r) and goal (g). For
-# medium and large these are the eval maps stored with the Minari datasets. For umaze, Minari's stored eval map is the
-# mirror image of the recorded maze (Farama-Foundation/Minari#304), so the recorded umaze map is used instead.
-ANTMAZE_EVAL_MAPS = {
-    "umaze": [[1, 1, 1, 1, 1], [1, "g", 0, 0, 1], [1, 1, 1, 0, 1], [1, "r", 0, 0, 1], [1, 1, 1, 1, 1]],
-    "medium": [
-        [1, 1, 1, 1, 1, 1, 1, 1], [1, "r", 0, 1, 1, 0, 0, 1], [1, 0, 0, 1, 0, 0, 0, 1], [1, 1, 0, 0, 0, 1, 1, 1],
-        [1, 0, 0, 1, 0, 0, 0, 1], [1, 0, 1, 0, 0, 1, 0, 1], [1, 0, 0, 0, 1, 0, "g", 1], [1, 1, 1, 1, 1, 1, 1, 1],
-    ],
-    "large": [
-        [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], [1, "r", 0, 0, 0, 1, 0, 0, 0, 0, 0, 1], [1, 0, 1, 1, 0, 1, 0, 1, 0, 1, 0, 1],
-        [1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1], [1, 0, 1, 1, 1, 1, 0, 1, 1, 1, 0, 1], [1, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 1],
-        [1, 1, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1], [1, 0, 0, 1, 0, 0, 0, 1, 0, "g", 0, 1], [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
-    ],
-}
-# Minari D4RL/antmaze/*-v1: recorded on these gymnasium-robotics v4 envs (observation 27 + achieved and desired goal
-# 2 + 2), continuing_task=True, reset_target=False, the registered time limit (umaze 700 steps, others 1000)
-ANTMAZE_ENVS = {
-    "umaze": ("AntMaze_UMaze-v4", "umaze"), "umaze-diverse": ("AntMaze_UMaze-v4", "umaze"),
-    "medium-play": ("AntMaze_Medium-v4", "medium"), "medium-diverse": ("AntMaze_Medium_Diverse_GR-v4", "medium"),
-    "large-play": ("AntMaze_Large-v4", "large"), "large-diverse": ("AntMaze_Large_Diverse_GR-v4", "large"),
-}
-# Minari D4RL/kitchen/*-v2: the 4 target sub-tasks of each dataset (those of D4RL's kitchen envs)
-KITCHEN_TASKS = {
-    "complete": ["microwave", "kettle", "light switch", "slide cabinet"],
-    "partial": ["microwave", "kettle", "light switch", "slide cabinet"],
-    "mixed": ["microwave", "kettle", "bottom burner", "light switch"],
-}
-ADROIT_HORIZONS = {"pen": 100, "door": 200, "relocate": 200}  # the official mj_envs `*-binary-v0` registrations
+# what `check_arrays` expects of a loaded trajectory, and of the raw arrays of a D4RL file
+TRANSITIONS = {"observations": ((None,), "f"), "actions": ((None,), "f"), "rewards": ((), "f"),
+               "next_observations": ("observations", "f"), "terminals": ((), "b"), "episode_ends": ((), "b")}
+D4RL_LAYOUT = {"observations": ((None,), NUMBERS), "actions": ((None,), NUMBERS), "rewards": ((), NUMBERS),
+               "terminals": ((), NUMBERS), "timeouts": ((), NUMBERS), "next_observations": ("observations", NUMBERS)}
 AWAC_FOLDER = "offpolicy_hand_data"
 AWAC_URL = "https://drive.google.com/file/d/1SsVaQKZnY5UkuR78WrInp9XxTdKHbF0x/view"  # the official Cal-QL README's link
-
-TASKS = {
-    "pointmaze-umaze": Task(
-        "pointmaze",
-        "embedded: PointMaze_UMaze-v3, sparse reward, fixed goal cell (1,1); data collected by a scripted controller",
-        ref_min_score=0.0,
-        ref_max_score=1.0,
-        gym_id="PointMaze_UMaze-v3",
-        env_kwargs=dict(maze_map=POINTMAZE_EVAL_MAP, continuing_task=False),
-        max_episode_steps=300,
-    ),
-    **{
-        f"{name}-binary-v0": Task(
-            "adroit",
-            f"AdroitHand{name.title()}-v1 with the binary reward success - 1, ending at the first success, {steps} steps; "
-            f"data: the AWAC files {name}2_sparse.npy + {name}_bc_sparse4.npy (or --dataset-id D4RL/{name}/human-v2, binarised)",
-            gym_id=f"AdroitHand{name.title()}-v1",
-            max_episode_steps=steps,
-            data_files=(f"{name}2_sparse.npy", f"{name}_bc_sparse4.npy"),
-        )
-        for name, steps in ADROIT_HORIZONS.items()
-    },
-    **{
-        f"antmaze-{name}-v2": Task(
-            "antmaze",
-            f"{gym_id}, fixed start and goal, sparse reward 1 at the goal where the episode ends; data: Minari D4RL/antmaze/{name}-v1",
-            ref_min_score=0.0,
-            ref_max_score=1.0,
-            gym_id=gym_id,
-            env_kwargs=dict(maze_map=ANTMAZE_EVAL_MAPS[maze], continuing_task=False, reset_target=False),
-            max_episode_steps=700 if maze == "umaze" else 1000,
-            dataset_id=f"D4RL/antmaze/{name}-v1",
-        )
-        for name, (gym_id, maze) in ANTMAZE_ENVS.items()
-    },
-    **{
-        f"kitchen-{name}": Task(
-            "kitchen",
-            f"FrankaKitchen-v1, sub-tasks {', '.join(tasks)}; reward = sub-tasks solved (0-4), 1000 steps, no early end; "
-            f"data: Minari D4RL/kitchen/{name}-v2",
-            gym_id="FrankaKitchen-v1",
-            env_kwargs=dict(tasks_to_complete=tasks, remove_task_when_completed=False, terminate_on_tasks_completed=False),
-            max_episode_steps=1000,
-            dataset_id=f"D4RL/kitchen/{name}-v2",
-        )
-        for name, tasks in KITCHEN_TASKS.items()
-    },
-}
-
-
-def get_task(env_id: str, dataset_path: str | None = None, dataset_id: str | None = None) -> Task:
-    """The task for an id: a known task, or any registered gymnasium env together with its own dataset."""
-    if env_id in TASKS:
-        return TASKS[env_id]
-    register_robotics_envs()
-    if env_id not in gym.registry:
-        known = ", ".join(TASKS)
-        raise DatasetError(f"unknown --env-id {env_id!r}: use one of {known}, or a gymnasium id with --dataset-path/--dataset-id")
-    if dataset_path is None and dataset_id is None:
-        raise DatasetError(f"--env-id {env_id} is not a built-in task: give its data with --dataset-path FILE.hdf5 (D4RL format) or --dataset-id MINARI_ID")
-    return Task("custom", f"gymnasium {env_id} with a user dataset")
-
-
-def register_robotics_envs():
-    # its import prints a notice on the dense Adroit rewards of v1.2.1, which no task here uses
-    with contextlib.redirect_stderr(io.StringIO()):
-        import gymnasium_robotics
-
-    gym.register_envs(gymnasium_robotics)
-
-
-class AdroitBinary(gym.Wrapper):
-    """The official `*-binary-v0` Adroit tasks: reward success - 1 (0 at the goal, -1 otherwise), and the episode ends
-    (terminated) at the first success, for training and evaluation alike. info["normalized_score"] = success."""
-
-    def step(self, action):
-        obs, _, terminated, truncated, info = self.env.step(action)
-        success = bool(info["success"])
-        info["normalized_score"] = float(success)
-        return obs, float(success) - 1.0, terminated or success, truncated, info
-
-
-class KitchenScore(gym.Wrapper):
-    """FrankaKitchen with the reward as recorded in the Minari data: the number of target sub-tasks solved at this step.
-    info: "success" (all solved) and "normalized_score" (the fraction solved; the official code scores a Kitchen
-    episode by its final-step reward / 4)."""
-
-    def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        n_tasks = len(self.env.unwrapped.goal)
-        info.update(success=reward == n_tasks, normalized_score=reward / n_tasks)
-        return obs, reward, terminated, truncated, info
-
-
-def make_env(env_id: str, seed: int, render_mode: str | None = None) -> gym.Env:
-    """The environment of a task, with flat observations and its action space seeded."""
-    register_robotics_envs()
-    task = TASKS.get(env_id)
-    if task is None:
-        env = gym.make(env_id, render_mode=render_mode)
-    else:
-        env = gym.make(task.gym_id, max_episode_steps=task.max_episode_steps, render_mode=render_mode, **task.env_kwargs)
-        if task.family == "adroit":
-            env = AdroitBinary(env)
-        elif task.family == "kitchen":
-            env = KitchenScore(env)
-    if isinstance(env.observation_space, gym.spaces.Dict):
-        env = gym.wrappers.FlattenObservation(env)
-    box = env.action_space
-    if not isinstance(box, gym.spaces.Box) or not (np.all(box.low == -1) and np.all(box.high == 1)):
-        raise DatasetError(f"{env_id}: actions must be a Box in [-1, 1] (tanh policy); wrap the env with gymnasium.wrappers.RescaleAction")
-    env.action_space.seed(seed)
-    return env
-
-
-def check_dataset_fits_env(dataset: dict, env: gym.Env, source: str):
-    """Fail before training when the data's shapes do not match the environment's spaces."""
-    obs_dim = int(np.prod(env.observation_space.shape))
-    act_dim = int(np.prod(env.action_space.shape))
-    got_obs, got_act = dataset["observations"].shape[1:], dataset["actions"].shape[1:]
-    if got_obs != (obs_dim,) or got_act != (act_dim,):
-        raise DatasetError(
-            f"{source}: observations {got_obs} / actions {got_act} do not match the environment's ({obs_dim},) / ({act_dim},); "
-            "is it the dataset of this --env-id?"
-        )
 
 
 def load_dataset(env_id: str, dataset_path: str | None, dataset_id: str | None, dataset_dir: str) -> dict:
@@ -223,12 +46,14 @@ def load_dataset(env_id: str, dataset_path: str | None, dataset_id: str | None, 
     if dataset_id is not None:
         episodes = minari_episodes(dataset_id)
         if family == "antmaze":
-            episodes = [end_at_goal(ep, goal_reward=1.0) for ep in episodes]
+            goal = antmaze_goal(task.env_kwargs["maze_map"])
+            episodes = [relabel_at_goal(ep, goal) for ep in episodes]
         return concatenate(episodes)
     if env_id == "pointmaze-umaze":
         path = os.path.join(dataset_dir, "pointmaze-umaze.hdf5")
-        if not os.path.exists(path):
-            collect_pointmaze_dataset(path)
+        if not os.path.exists(path):  # collected once, then cached; workers collecting at once write identical files
+            print(f"collecting the embedded dataset into {path} (done once, then reused)")
+            write_d4rl_hdf5(path, collect_pointmaze_dataset())
         return load_d4rl_hdf5(path)
     raise DatasetError(f"no dataset known for {env_id}")
 
@@ -243,11 +68,10 @@ def concatenate(episodes: list[dict]) -> dict:
 
 
 def load_d4rl_hdf5(path: str) -> dict:
-    """A D4RL-format HDF5 file, processed as `d4rl.qlearning_dataset` does (without importing d4rl).
+    """A D4RL-format HDF5 file, processed as the official Cal-QL code processes D4RL data (see `stored_rows`).
 
-    Keys `observations`, `actions`, `rewards`, `terminals`, `timeouts`, optional `next_observations`. A trajectory
-    ends at a terminal or a timeout; the timeout transition itself is dropped (its next observation is unreliable),
-    and without `next_observations` the last row is dropped too.
+    Keys `observations`, `actions`, `rewards`, `terminals`, `timeouts`, optional `next_observations` (where absent,
+    a row's next observation is the following row's observation).
     """
     import h5py
 
@@ -261,23 +85,37 @@ def load_d4rl_hdf5(path: str) -> dict:
     missing = [k for k in ("observations", "actions", "rewards", "terminals", "timeouts") if k not in raw]
     if missing:
         raise DatasetError(f"dataset file {path} lacks the D4RL keys {missing}; expected observations, actions, rewards, terminals, timeouts")
-    n = len(raw["rewards"])
-    terminals, timeouts = raw["terminals"].astype(bool).reshape(n), raw["timeouts"].astype(bool).reshape(n)
-    if "next_observations" in raw:
-        next_obs = raw["next_observations"]
-        keep = ~timeouts
-    else:
-        next_obs = np.concatenate([raw["observations"][1:], raw["observations"][-1:]])
-        keep = ~timeouts & (np.arange(n) < n - 1)
-    trajectory = np.concatenate([[0], np.cumsum(terminals | timeouts)[:-1]])[keep]
+    for k in ("rewards", "terminals", "timeouts"):  # a scalar per row may be stored as a column
+        if raw[k].ndim == 2 and raw[k].shape[1] == 1:
+            raw[k] = raw[k][:, 0]
+    check_arrays(raw, f"dataset file {path}", D4RL_LAYOUT)
+    terminals, timeouts = raw["terminals"].astype(bool), raw["timeouts"].astype(bool)
+    ends = terminals | timeouts
+    rows = stored_rows(ends, timeouts)
+    if not len(rows):
+        raise DatasetError(f"dataset file {path} holds no complete transition: end each trajectory with terminals or timeouts = 1 on its last row (see docs/data.md)")
+    trajectory = np.concatenate([[0], np.cumsum(ends)[:-1]])[rows]
+    next_obs = raw["next_observations"][rows] if "next_observations" in raw else raw["observations"][rows + 1]
     return {
-        "observations": raw["observations"][keep].astype(np.float32),
-        "actions": raw["actions"][keep].astype(np.float32),
-        "rewards": raw["rewards"].reshape(n)[keep].astype(np.float32),
-        "next_observations": next_obs[keep].astype(np.float32),
-        "terminals": terminals[keep],
+        "observations": raw["observations"][rows].astype(np.float32),
+        "actions": raw["actions"][rows].astype(np.float32),
+        "rewards": raw["rewards"][rows].astype(np.float32),
+        "next_observations": next_obs.astype(np.float32),
+        "terminals": terminals[rows],
         "episode_ends": np.append(trajectory[1:] != trajectory[:-1], True),
     }
+
+
+def stored_rows(ends: np.ndarray, timeouts: np.ndarray) -> np.ndarray:
+    """The rows of a D4RL file that become transitions, as in the official Cal-QL code (`qlearning_dataset_and_calc_mc`,
+    built on `d4rl.qlearning_dataset`): a trajectory ends at a terminal or a timeout (`ends`); not stored are timeout
+    rows (the step into the time limit), the file's last row (nothing follows it) and, where that last row ends no
+    trajectory, the whole trailing trajectory (the official code never closes it; d4rl.qlearning_dataset keeps it)."""
+    keep = ~timeouts
+    keep[-1] = False
+    if not ends[-1]:
+        keep[np.flatnonzero(ends)[-1] + 1 if ends.any() else 0 :] = False
+    return np.flatnonzero(keep)
 
 
 def load_minari(dataset_id: str) -> dict:
@@ -295,7 +133,7 @@ def minari_episodes(dataset_id: str) -> list[dict]:
         data = minari.load_dataset(dataset_id)
     except Exception as e:  # minari raises several types for corrupt stores
         raise DatasetError(f"Minari dataset {dataset_id} could not be read ({e}); delete it and download it again") from e
-    return [episode_arrays(ep, data.observation_space) for ep in data.iterate_episodes()]
+    return check_episodes([episode_arrays(ep, data.observation_space) for ep in data.iterate_episodes()], f"Minari dataset {dataset_id}")
 
 
 def download_minari(dataset_id: str):
@@ -315,7 +153,7 @@ def episode_arrays(episode, observation_space: gym.spaces.Space) -> dict:
     terminals = np.asarray(episode.terminations, bool)
     arrays = {
         "observations": obs[:-1],
-        "actions": np.asarray(episode.actions, np.float32).reshape(len(terminals), -1),
+        "actions": as_rows(episode.actions),
         "rewards": np.asarray(episode.rewards, np.float32),
         "next_observations": obs[1:],
         "terminals": terminals,
@@ -326,24 +164,44 @@ def episode_arrays(episode, observation_space: gym.spaces.Space) -> dict:
     return arrays
 
 
+def as_rows(values) -> np.ndarray:
+    """float32, one row per step (a checked dataset can then tell a wrong row count from a wrong row size)."""
+    array = np.asarray(values, np.float32)
+    return array.reshape(len(array), -1)
+
+
+def check_episodes(episodes: list[dict], source: str) -> list[dict]:
+    """Each trajectory as `check_arrays` checks it, named by its index in the source."""
+    for i, episode in enumerate(episodes):
+        check_arrays(episode, f"{source}, trajectory {i}", TRANSITIONS)
+    return episodes
+
+
 def flatten_observations(obs, space: gym.spaces.Space) -> np.ndarray:
     """Batched `gymnasium.spaces.flatten`: dict observations are concatenated in the space's key order."""
     if isinstance(space, gym.spaces.Dict):
         return np.concatenate([flatten_observations(obs[k], s) for k, s in space.spaces.items()], axis=-1)
-    obs = np.asarray(obs, np.float32)
-    return obs.reshape(len(obs), -1)
+    return as_rows(obs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The paper's tasks: how each family's data is processed (spec §4, §7, §8)
 
 
-def end_at_goal(episode: dict, goal_reward: float) -> dict:
-    """AntMaze: a step that reaches the goal is terminal and ends its trajectory segment, as the D4RL AntMaze files
-    mark them (the official code splits trajectories there). The Minari recordings never terminate: the ant keeps
-    collecting reward 1 at the goal until the time limit."""
-    goal = episode["rewards"] >= goal_reward
-    return {**episode, "terminals": episode["terminals"] | goal, "episode_ends": episode["episode_ends"] | goal}
+def relabel_at_goal(episode: dict, goal: np.ndarray) -> dict:
+    """A Minari AntMaze episode labelled the way D4RL labels its files (scripts/generation/relabel_antmaze_rewards.py):
+    reward 1 and terminal where a step ends within ANTMAZE_GOAL_RADIUS of the task's goal, 0 elsewhere; each goal step
+    ends its trajectory segment (the official code splits trajectories at terminals); observations `ant_state`. The
+    recorded rewards, terminations and desired goal refer to the recording's own goals and are dropped."""
+    reached = at_goal(episode["next_observations"][:, :2], goal)
+    return {
+        **episode,
+        "observations": ant_state(episode["observations"]),
+        "next_observations": ant_state(episode["next_observations"]),
+        "rewards": reached.astype(np.float32),
+        "terminals": reached,
+        "episode_ends": episode["episode_ends"] | reached,
+    }
 
 
 def binarised(episode: dict, source: str) -> dict:
@@ -382,9 +240,10 @@ def load_awac_episodes(folder: str, files: tuple[str, ...]) -> list[dict]:
     for name in files:
         path = os.path.join(folder, name)
         try:
-            episodes += [awac_episode(trajectory) for trajectory in np.load(path, allow_pickle=True)]
+            trajectories = [awac_episode(trajectory) for trajectory in np.load(path, allow_pickle=True)]
         except (OSError, ValueError, KeyError, TypeError, IndexError, EOFError, pickle.UnpicklingError) as e:
             raise DatasetError(f"{path} is not an AWAC trajectory file ({type(e).__name__}: {e}); download it again") from e
+        episodes += check_episodes(trajectories, path)
     return episodes
 
 
@@ -396,7 +255,7 @@ def awac_episode(trajectory: dict) -> dict:
     n = len(obs)
     return {
         "observations": obs,
-        "actions": np.asarray(trajectory["actions"], np.float32).reshape(n, -1),
+        "actions": as_rows(trajectory["actions"]),
         "rewards": np.asarray(trajectory["rewards"], np.float32).reshape(-1)[:n],
         "next_observations": next_obs,
         "terminals": np.zeros(n, bool),
@@ -409,81 +268,20 @@ def state_vectors(observations) -> np.ndarray:
 
 
 def write_d4rl_hdf5(path: str, data: dict):
-    """Write arrays under their D4RL keys (used for the embedded dataset)."""
+    """Write arrays under their D4RL keys (used for the embedded dataset), atomically: into a temporary file of its
+    own in the same folder, then renamed. A crash mid-write leaves no half file behind, and processes that write the
+    same file at once (grid workers collecting the embedded dataset) each rename a complete file: the last one wins."""
     import h5py
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"  # one per process: runs of a grid may cache the same dataset at once
-    with h5py.File(tmp, "w") as f:
-        for k, v in data.items():
-            f.create_dataset(k, data=v, compression="gzip")
-    os.replace(tmp, path)  # a crash mid-write never leaves a half file behind
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The embedded task: sparse PointMaze UMaze with a fixed goal, data from a scripted waypoint controller
-
-def bfs_distances(maze_map, goal: tuple[int, int]) -> dict:
-    """Steps from every free cell to the goal cell (4-neighbour moves)."""
-    dist, queue = {goal: 0}, deque([goal])
-    while queue:
-        r, c = queue.popleft()
-        for nxt in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
-            if maze_map[nxt[0]][nxt[1]] != 1 and nxt not in dist:
-                dist[nxt] = dist[(r, c)] + 1
-                queue.append(nxt)
-    return dist
-
-
-def waypoint_action(maze, distances, pos, vel, goal, rng, noise_std=0.5):
-    """PD control towards the centre of the next cell on the shortest path to the goal, plus Gaussian noise
-    (the recipe of the D4RL maze2d / Minari pointmaze data). `distances[goal_cell]` is `bfs_distances` to it."""
-    goal_cell = tuple(int(i) for i in maze.cell_xy_to_rowcol(goal))
-    dist = distances[goal_cell]
-    cell = tuple(int(i) for i in maze.cell_xy_to_rowcol(pos))
-    neighbours = [(cell[0] + dr, cell[1] + dc) for dr, dc in ((1, 0), (-1, 0), (0, 1), (0, -1))]
-    nxt = min((n for n in neighbours if n in dist), key=dist.get, default=goal_cell)
-    target = goal if cell == goal_cell or nxt == goal_cell else maze.cell_rowcol_to_xy(np.array(nxt))
-    action = 10.0 * (target - pos) - 1.0 * vel + rng.normal(0.0, noise_std, 2)
-    return np.clip(action, -1.0, 1.0).astype(np.float32)
-
-
-def collect_pointmaze_dataset(path: str, n_transitions: int = 100_000, seed: int = 0, radius: float = 0.45):
-    """Collect and cache the embedded dataset (about 10 s, once).
-
-    The controller wanders to random goals in the UMaze (raw episodes of 300 steps, random starts); each raw episode
-    is relabelled against the fixed evaluation goal (cell (1,1) plus uniform noise, as in the eval env): a step that
-    ends within `radius` of it gets reward 1 and is terminal, every other step reward 0. Raw episode ends are
-    timeouts. Observations are flattened like the eval env's: [achieved_goal, desired_goal, observation].
-    """
-    register_robotics_envs()
-    env = gym.make("PointMaze_UMaze-v3", continuing_task=True, reset_target=True, max_episode_steps=300)
-    maze, rng = env.unwrapped.maze, np.random.default_rng(seed)
-    goal_centre = maze.cell_rowcol_to_xy(np.array(POINTMAZE_GOAL_CELL))
-    free = [(r, c) for r, row in enumerate(maze.maze_map) for c, v in enumerate(row) if v != 1]
-    distances = {cell: bfs_distances(maze.maze_map, cell) for cell in free}
-    columns = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")}
-    episode = 0
-    while len(columns["rewards"]) < n_transitions:
-        obs, _ = env.reset(seed=seed + episode)
-        goal = goal_centre + rng.uniform(-0.25, 0.25, 2)
-        done = False
-        while not done:
-            pos, vel = obs["observation"][:2], obs["observation"][2:]
-            action = waypoint_action(maze, distances, pos, vel, obs["desired_goal"], rng)
-            next_obs, _, _, truncated, _ = env.step(action)
-            reached = np.linalg.norm(next_obs["achieved_goal"] - goal) <= radius
-            done = truncated or len(columns["rewards"]) + 1 == n_transitions
-            for key, value in (
-                ("observations", np.concatenate([obs["achieved_goal"], goal, obs["observation"]])),
-                ("actions", action),
-                ("rewards", float(reached)),
-                ("terminals", reached),
-                ("timeouts", done and not reached),
-                ("next_observations", np.concatenate([next_obs["achieved_goal"], goal, next_obs["observation"]])),
-            ):
-                columns[key].append(value)
-            obs = next_obs
-        episode += 1
-    env.close()
-    write_d4rl_hdf5(path, {k: np.asarray(v, np.float32 if k not in ("terminals", "timeouts") else bool) for k, v in columns.items()})
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")  # unique, even across hosts
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            for k, v in data.items():
+                f.create_dataset(k, data=v, compression="gzip")
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise

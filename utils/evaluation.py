@@ -1,4 +1,4 @@
-"""Deterministic-policy evaluation."""
+"""Policy evaluation, for continuous (deterministic tanh(mean)) and discrete (epsilon-greedy) policies alike."""
 
 from collections.abc import Callable
 
@@ -11,6 +11,11 @@ def normalized_score(episode_return: float, ref_min: float | None, ref_max: floa
     if ref_min is None or ref_max is None:
         return float("nan")
     return (episode_return - ref_min) / (ref_max - ref_min)
+
+
+def epsilon_greedy(greedy: Callable[[np.ndarray], int], n_actions: int, epsilon: float, rng: np.random.Generator) -> Callable[[np.ndarray], int]:
+    """A discrete policy: a uniformly random action with probability epsilon, else greedy(obs)."""
+    return lambda obs: rng.integers(n_actions) if rng.random() < epsilon else greedy(obs)
 
 
 def evaluate(
