@@ -1,5 +1,6 @@
 """Fixtures that write datasets in their real on-disk formats, and a runner for the scripts."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -184,18 +185,19 @@ def pointmaze_data_dir(tmp_path_factory):
 TINY = ["--policy-hidden", "16", "16", "--q-hidden", "16", "16", "--batch-size", "32", "--cql-n-actions", "3", "--log-every", "5"]
 
 
+def run_in(cwd, script, *flags, check=True, env=None) -> subprocess.CompletedProcess:
+    """Run a script of the repo (a path from the repo root) in the working directory cwd; returns the finished process."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}  # tiny networks: threads only add overhead
+    proc = subprocess.run([sys.executable, str(REPO / script), *flags], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
 @pytest.fixture
 def run_script(tmp_path):
     """Run a script of the repo in a temp working directory (runs/ lands there); returns the finished process."""
-
-    def run(script, *flags, check=True):
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # tiny networks: threads only add overhead
-        proc = subprocess.run([sys.executable, str(REPO / script), *flags], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        return proc
-
-    return run
+    return functools.partial(run_in, tmp_path)
 
 
 @pytest.fixture
