@@ -10,7 +10,6 @@ seeds and runs without an evaluation yet are listed in the report. docs/report.m
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
@@ -103,12 +102,12 @@ def algorithm_name(params: dict[str, str]) -> str:
 
 
 def load_run(folder: Path) -> Run | None:
-    """A run's evaluations and calibration gap; None while it has no evaluation (or no hyperparameters) yet."""
+    """A run's evaluations and calibration gap; None while it has no evaluation or no hyperparameters text yet."""
     events = EventAccumulator(str(folder), size_guidance={SCALARS: 0, TENSORS: 0})  # 0: keep every point
     events.Reload()  # honours the purge of a resumed run: no duplicate steps
     params, normalized = hyperparameters(events), "eval/normalized_score" in events.Tags()["scalars"]
     scores = scalars(events, "eval/normalized_score" if normalized else "eval/return")
-    if not params or not scores:
+    if not scores or not {"exp_name", "env_id", "seed"} <= params.keys():
         return None
     steps, env_steps = np.array(sorted(scores)), scalars(events, "eval/env_steps")
     regrets, gaps = scalars(events, "eval/regret"), scalars(events, "calibration/q_minus_mc")
@@ -169,16 +168,17 @@ def task_table(groups: dict) -> list[str]:
 def aggregate_table(groups: dict, reps: int) -> list[str]:
     """IQM and mean over tasks x seeds of each column, with rliable's stratified-bootstrap 95% percentile intervals.
     Tasks: those with a normalized score where every algorithm has a finished run; per algorithm the same number
-    of seeds on each task (its smallest count, lowest seeds first), as rliable needs a seeds x tasks matrix."""
+    of finished seeds on each task (its smallest count, lowest seeds first), as rliable takes a seeds x tasks matrix."""
     tasks = [t for t, by_alg in groups.items() if all(any(r.finished for r in runs) and all(r.normalized for r in runs) for runs in by_alg.values())]
     if not tasks:
         return ["No task has a normalized score with a finished run of every algorithm yet: no aggregate."]
     finished = {a: [[r for r in groups[t][a] if r.finished] for t in tasks] for a in groups[tasks[0]]}
+    n_seeds = {a: min(map(len, per_task)) for a, per_task in finished.items()}
     lines = [f"Finished runs on {len(tasks)} task(s): {', '.join(tasks)}; seeds per task: "
-             + ", ".join(f"{a} {min(map(len, per_task))}" for a, per_task in finished.items()) + ".", "",
+             + ", ".join(f"{a} {n}" for a, n in n_seeds.items()) + ".", "",
              "| metric | algorithm | IQM [95% CI] | mean [95% CI] |", "|-|-|-|-|"]
     for name, _, value in COLUMNS:
-        scores = {a: np.array([[value(r) for r in runs[:min(map(len, per_task))]] for runs in per_task]).T for a, per_task in finished.items()}
+        scores = {a: np.array([[value(r) for r in runs[:n_seeds[a]]] for runs in per_task]).T for a, per_task in finished.items()}
         np.random.seed(0)  # rliable draws its resamples from numpy's global generator: a report is reproducible
         point, interval = rly.get_interval_estimates(scores, lambda x: np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)]), reps=reps)
         for a in scores:
@@ -187,22 +187,33 @@ def aggregate_table(groups: dict, reps: int) -> list[str]:
     return lines
 
 
-def status_lines(folders: dict[str, Run | None], expected: list[str] | None, groups: dict) -> list[str]:
-    """What the tables and figures do not include yet: missing runs, runs without an evaluation, unfinished runs."""
+def one_per_seed(runs: list[Run], expected: list[str] | None) -> tuple[list[Run], list[str]]:
+    """Several runs of one task, algorithm and seed (e.g. a rerun under a new name) count once: the finished one,
+    else the grid's, else the last by name. Returns the runs kept and the names of those set aside."""
+    key = lambda r: (r.env_id, r.algorithm, r.seed)  # noqa: E731
+    rank = lambda r: (r.finished, r.name in (expected or []), r.name)  # noqa: E731
+    kept = {key(r): r for r in sorted(runs, key=rank)}
+    return list(kept.values()), [r.name for r in runs if kept[key(r)] is not r]
+
+
+def status_lines(folders: dict[str, Run | None], expected: list[str] | None, groups: dict, set_aside: list[str]) -> list[str]:
+    """What the tables and figures leave out or hold only in part: missing, empty, set-aside and unfinished runs."""
+    runs = [run for by_alg in groups.values() for runs in by_alg.values() for run in runs]
     if expected is not None:
         missing = [f"{name} (no folder in runs/)" for name in expected if name not in folders]
     else:  # no manifest: a seed that some run has is expected of every task and algorithm
-        seeds = sorted({run.seed for by_alg in groups.values() for runs in by_alg.values() for run in runs})
-        missing = [f"{task} {a} seed {s} (inferred: no grid.json)" for task, by_alg in groups.items() for a, runs in by_alg.items()
-                   for s in seeds if s not in {r.seed for r in runs}]
+        seeds = sorted({run.seed for run in runs})
+        missing = [f"{task} {a} seed {s} (inferred: no grid.json)" for task, by_alg in groups.items() for a, runs_of in by_alg.items()
+                   for s in seeds if s not in {r.seed for r in runs_of}]
     empty = [name for name, run in folders.items() if run is None]
     unfinished = [f"{run.name}: last evaluation at gradient step {run.eval_steps[-1]}, online env step {run.env_steps[-1]}"
-                  for run in folders.values() if run is not None and not run.finished]
+                  for run in sorted(runs, key=lambda r: r.name) if not run.finished]
     sections = [("Missing runs", missing), ("Runs with no evaluation logged yet (not in the tables or figures)", empty),
+                ("Set aside: another run of the same task, algorithm and seed counts instead", set_aside),
                 ("Unfinished runs (running, stopped or failed): in the figures up to their last evaluation and in the score "
-                  "after pre-training once that is done; not in the other columns nor the aggregate", unfinished)]
+                 "after pre-training once that is done; not in the other columns nor the aggregate", unfinished)]
     lines = [line for title, items in sections if items for line in ["", f"{title}:", *[f"- {item}" for item in items]]]
-    return lines or ["Every expected run finished."]
+    return lines or ["None: every expected run finished."]
 
 
 def panels(n: int, title: str):
@@ -266,26 +277,29 @@ def plot_calibration(groups: dict, path: Path):
     plt.close(fig)
 
 
+TABLE_NOTE = ("Mean over seeds [95% Student-t interval: mean -+ t(0.975, n-1) s / sqrt(n)] (n seeds); n=1: no interval. "
+              "Score after pre-training: every run past pre-training; the other columns: finished runs. Cumulative regret: "
+              "the last eval/regret, the mean of 1 - normalized score over the online evaluations (lower is better).")
+
+
 def write_report(root: Path, out: Path, reps: int) -> Path:
     names = sorted(p.name for p in (root / "runs").iterdir() if p.is_dir()) if (root / "runs").is_dir() else []
     expected = expected_names(root)
     if not names and not expected:
         raise SystemExit(f"error: {root / 'runs'} holds no run folder; give the grid's root folder (the scripts' working directory)")
     folders = {name: load_run(root / "runs" / name) for name in names}
-    groups = group([run for run in folders.values() if run is not None])
+    runs, set_aside = one_per_seed([run for run in folders.values() if run is not None], expected)
+    groups = group(runs)
+    count = f"{len(expected)} in grid.json" if expected is not None else f"{len(folders)} in runs/ (no grid.json)"
+    lines = [f"# Report of {root.resolve()}", "", f"{sum(r.finished for r in runs)} finished run(s) of {count}.", "",
+             "## Missing and unfinished runs", *status_lines(folders, expected, groups, set_aside), ""]
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Report of {root}", "", f"{sum(r is not None and r.finished for r in folders.values())} finished run(s) of "
-             + (f"{len(expected)} in grid.json." if expected is not None else f"{len(folders)} in runs/ (no grid.json)."), ""]
-    lines += ["## Missing and unfinished runs", *status_lines(folders, expected, groups), ""]
     if groups:
         plot_scores(groups, out / "scores.png")
         plot_calibration(groups, out / "calibration.png")
-        lines += ["## Per task", "", "Mean over seeds [95% Student-t interval: mean -+ t(0.975, n-1) s / sqrt(n)] (n seeds); "
-                  "n=1: no interval. Scores after pre-training: every run past pre-training; the rest: finished runs. "
-                  "Regret: the last eval/regret, the mean of 1 - normalized score over the online evaluations (lower is better).",
-                  "", *task_table(groups), "", "## Aggregate across tasks (rliable)", "",
+        lines += ["## Per task", "", TABLE_NOTE, "", *task_table(groups), "", "## Aggregate across tasks (rliable)", "",
                   f"Interquartile mean and mean over all (task, seed) scores, 95% stratified-bootstrap percentile intervals "
-                  f"({reps} resamples of seeds within each task).", "", *aggregate_table(groups, reps), "",
+                  f"({reps} resamples of the seeds within each task).", "", *aggregate_table(groups, reps), "",
                   "## Figures", "", f"Curves: {CURVES_NOTE}; the calibration gap is averaged over the gradient steps common to the runs.",
                   "", "![score during fine-tuning](scores.png)", "", "![calibration gap](calibration.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
@@ -295,7 +309,6 @@ def write_report(root: Path, out: Path, reps: int) -> Path:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     logging.getLogger("tensorboard").setLevel(logging.ERROR)  # a resumed run's purge is expected, not news
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     if not args.root.is_dir():
         raise SystemExit(f"error: {args.root} is not a folder; give the grid's root folder (the one holding runs/)")
     print(f"report written to {write_report(args.root, args.out or args.root / 'report', args.bootstrap_reps)}")

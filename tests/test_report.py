@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -52,12 +53,15 @@ def test_partial_grid_names_what_is_missing_and_counts_what_is_there(fake_run, t
     finished_run(fake_run, tmp_path, CQL, TASK, 1, offline_score=0.3, final_score=0.6)
     fake_run(tmp_path, CQL, TASK, 2, offline=(0.0, 0.5), online=((100, 0.9),), finished=False)  # fine-tuning
     fake_run(tmp_path, CQL, TASK, 3, offline=(0.0,), online=(), finished=False)  # pre-training; seed 4 missing
+    rerun = shutil.copytree(tmp_path / "runs" / f"{TASK}__{CQL}__1", tmp_path / "runs" / f"{TASK}__{CQL}__1__1795961164")
+    (rerun / "finished.json").unlink()  # a stopped earlier run of seed 1 under the scripts' default name
 
     text = report.write_report(tmp_path, tmp_path / "report", reps=100).read_text()
-    missing, no_events, unfinished = (text.split(title)[1].split("\n\n")[0] for title in
-                                      ("Missing runs:", "no evaluation logged yet", "Unfinished runs"))
+    missing, no_events, set_aside, unfinished = (text.split(title)[1].split("\n\n")[0] for title in
+                                                 ("Missing runs:", "no evaluation logged yet", "Set aside", "Unfinished runs"))
     assert re.findall(r"- (\S+) \(no folder", missing) == [f"{TASK}__{CAL_QL}__3", f"{TASK}__{CQL}__4"]
     assert re.findall(r"- (\S+)", no_events) == [f"{TASK}__{CAL_QL}__4"]
+    assert re.findall(r"- (\S+)", set_aside) == [f"{TASK}__{CQL}__1__1795961164"]
     assert re.findall(r"- (\S+):", unfinished) == [f"{TASK}__{CQL}__2", f"{TASK}__{CQL}__3"]
     assert "- pointmaze-umaze__cql_continuous__2: last evaluation at gradient step 110, online env step 100" in unfinished
     # CQL: the fine-tuning run's pre-training score counts (0.3 and 0.5), its last score does not; the one still
