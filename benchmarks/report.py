@@ -28,7 +28,7 @@ from tensorboard.backend.event_processing.event_accumulator import SCALARS, TENS
 LABELS = {"cal_ql_continuous": "Cal-QL", "cql_continuous": "CQL", "cal_ql_atari": "Cal-QL"}
 STYLES = {"Cal-QL": dict(color="tab:blue"), "CQL": dict(color="tab:orange", linestyle="--")}  # dashed: overlaps show
 CURVES_NOTE = ("each run's curve is linearly interpolated onto the union of the runs' evaluation points, over the range "
-               "every run has reached (a run still going shortens it)")
+               "that every run covers (a run still going shortens it)")
 
 
 @dataclass
@@ -63,17 +63,18 @@ class Run:
 
     @property
     def offline_score(self) -> float:
-        return float(self.scores[self.env_steps == 0][-1])
+        """The last evaluation of pre-training; nan without one (fine-tuning a --pretrained-checkpoint)."""
+        return float(self.scores[self.env_steps == 0][-1]) if (self.env_steps == 0).any() else np.nan
 
     @property
     def online_start(self) -> int:
-        """The gradient step of the last evaluation of pre-training: online fine-tuning starts after it."""
-        return int(self.eval_steps[self.env_steps == 0][-1])
+        """The gradient step of the last pre-training evaluation (online fine-tuning starts after it), else the first."""
+        return int(self.eval_steps[self.env_steps == 0][-1]) if (self.env_steps == 0).any() else int(self.eval_steps[0])
 
     def online_curve(self) -> tuple[np.ndarray, np.ndarray]:
-        """Score against online environment steps, the score after pre-training at step 0."""
-        online = self.env_steps > 0
-        return np.r_[0, self.env_steps[online]], np.r_[self.offline_score, self.scores[online]]
+        """Score against online environment steps, the score after pre-training at step 0 where there is one."""
+        keep = (self.env_steps > 0) | (self.eval_steps == self.online_start)
+        return self.env_steps[keep], self.scores[keep]
 
 
 # the table's columns: name, which runs count, the value of a run
@@ -241,9 +242,9 @@ def plot_scores(groups: dict, path: Path):
         for algorithm, runs in by_algorithm.items():
             curves = [run.online_curve() for run in runs if run.pretrained]
             if curves:
-                end = min(x[-1] for x, _ in curves)
+                start, end = max(x[0] for x, _ in curves), min(x[-1] for x, _ in curves)
                 grid = np.unique(np.concatenate([x for x, _ in curves]))
-                grid = grid[grid <= end]
+                grid = grid[(start <= grid) & (grid <= end)]
                 band(ax, grid, [np.interp(grid, x, y) for x, y in curves], algorithm)
         normalized = all(r.normalized for runs in by_algorithm.values() for r in runs)
         ax.set(title=task, xlabel="online environment steps", ylabel="normalized score" if normalized else "return")
