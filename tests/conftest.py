@@ -213,9 +213,9 @@ def fake_run():
     `online` ((env_steps, score) pairs, at gradient step offline_steps + env_steps, with the running eval/regret);
     calibration/q_minus_mc = seed + step / 100 every 5 gradient steps up to the last evaluation; finished.json
     when `finished`. `resume_at` (gradient step S, step T > S): written as a run stopped at T whose checkpoint is
-    at S and resumed: a first SummaryWriter writes every point up to T, those after S one step late (the lost
-    attempt, as a run that is not bitwise reproducible would log them, so that a reader ignoring the purge shows
-    them), a second one (purge_step=S) every point from S on. Returns the run folder."""
+    at S and resumed, as the scripts do it: a first SummaryWriter writes every point up to T, those after S one
+    step late (the lost attempt, as a run that is not bitwise reproducible would log them, so that a reader
+    ignoring the purge shows them), a second one (purge_step=S + 1) every point after S. Returns the run folder."""
     from torch.utils.tensorboard import SummaryWriter
 
     def write(root, exp_name, env_id, seed, offline=(0.1, 0.3), online=((100, 0.5), (200, 0.7)), finished=True, resume_at=None):
@@ -244,7 +244,7 @@ def fake_run():
         else:
             checkpoint, stop = resume_at
             log(None, lambda step: step if step <= checkpoint else step + 1 if step <= stop else None)
-            log(checkpoint, lambda step: step if step >= checkpoint else None)
+            log(checkpoint + 1, lambda step: step if step > checkpoint else None)
         if finished:
             (folder / "finished.json").write_text(json.dumps({"global_step": offline_steps + online[-1][0], "env_steps": online[-1][0]}))
         return folder
