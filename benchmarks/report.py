@@ -284,6 +284,10 @@ TABLE_NOTE = ("Mean over seeds [95% Student-t interval: mean -+ t(0.975, n-1) s 
 
 
 def write_report(root: Path, out: Path, reps: int) -> Path:
+    if not root.is_dir():
+        raise SystemExit(f"error: {root} is not a folder; give the grid's root folder (the one holding runs/)")
+    if reps < 1:
+        raise SystemExit(f"error: --bootstrap-reps {reps}: the bootstrap needs at least 1 resample (10000 by default)")
     names = sorted(p.name for p in (root / "runs").iterdir() if p.is_dir()) if (root / "runs").is_dir() else []
     expected = expected_names(root)
     if not names and not expected:
@@ -310,6 +314,4 @@ def write_report(root: Path, out: Path, reps: int) -> Path:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     logging.getLogger("tensorboard").setLevel(logging.ERROR)  # a resumed run's purge is expected, not news
-    if not args.root.is_dir():
-        raise SystemExit(f"error: {args.root} is not a folder; give the grid's root folder (the one holding runs/)")
     print(f"report written to {write_report(args.root, args.out or args.root / 'report', args.bootstrap_reps)}")

@@ -91,10 +91,13 @@ def test_resumed_run_reads_as_the_uninterrupted_one(fake_run, tmp_path):
     assert resumed.regret == once.regret == pytest.approx((0.5 + 0.4 + 0.1) / 3)
 
 
-def test_bad_input_gets_one_line(run_script, tmp_path):
+def test_bad_input_gets_one_line(fake_run, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad" / "runs").mkdir(parents=True)
     (tmp_path / "bad" / "grid.json").write_text("[1, 2]")
-    for root, message in (("nowhere", "is not a folder"), ("empty", "holds no run folder"), ("bad", "is not a grid manifest")):
-        proc = run_script("benchmarks/report.py", str(tmp_path / root), check=False)
-        assert proc.returncode == 1 and message in proc.stderr.strip() and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    fake_run(tmp_path / "good", CAL_QL, TASK, 1)
+    for root, reps, message in (("nowhere", 10, "is not a folder"), ("empty", 10, "holds no run folder"),
+                                ("bad", 10, "is not a grid manifest"), ("good", 0, "at least 1 resample")):
+        with pytest.raises(SystemExit, match=message) as stop:
+            report.write_report(tmp_path / root, tmp_path / "out", reps)
+        assert str(stop.value).startswith("error: ") and "\n" not in str(stop.value)
