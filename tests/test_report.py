@@ -23,6 +23,8 @@ def test_table_shows_hand_computed_means_and_intervals(fake_run, run_script, tmp
     for (exp_name, task), scores in finals.items():
         for seed, final in enumerate(scores, 1):
             finished_run(fake_run, tmp_path, exp_name, task, seed, offline_score=0.1 * seed, final_score=final)
+    for seed, final in ((1, 0.5), (2, 0.7)):  # Atari: returns 10 x score, no normalized score nor regret
+        fake_run(tmp_path, "cal_ql_atari", "ALE/Pong-v5", seed, offline=(0.0, 0.1 * seed), online=((100, 0.5), (200, final)), atari=True)
     run_script("benchmarks/report.py", str(tmp_path), "--bootstrap-reps", "200")
     text = (tmp_path / "report" / "report.md").read_text()
 
@@ -33,6 +35,12 @@ def test_table_shows_hand_computed_means_and_intervals(fake_run, run_script, tmp
     row = "| pointmaze-umaze | Cal-QL | 1, 2, 3, 4 | 0.250 [0.045, 0.455] (n=4) | 0.750 [0.545, 0.955] (n=4) | 0.375 [0.272, 0.478] (n=4) |"
     assert row in text
     assert "| task-b | CQL | 1, 2, 3, 4 | 0.250 [0.045, 0.455] (n=4) | 0.500 [0.500, 0.500] (n=4) | 0.500 [0.500, 0.500] (n=4) |" in text
+
+    # Atari returns, one decimal, t(0.975, 1) = 12.706: offline 1, 2: mean 1.5 -+ 12.706 * 0.7071 / sqrt(2) = 6.353;
+    # final 5, 7: mean 6 -+ 12.706; no regret; no CQL run, so not in the aggregate
+    assert "| ALE/Pong-v5 | Cal-QL | 1, 2 | 1.5 [-4.9, 7.9] (n=2) | 6.0 [-6.7, 18.7] (n=2) | – |" in text
+    assert "| ALE/Pong-v5 | CQL | none | – | – | – |" in text
+    assert "Finished runs on 2 task(s): pointmaze-umaze, task-b;" in text
 
     # aggregate of Cal-QL's final scores over 8 (task, seed): sorted 0.1 0.2 0.3 0.6 0.7 0.8 0.9 1.0,
     # IQM = mean of the middle four = 0.6, mean = 4.6 / 8 = 0.575
