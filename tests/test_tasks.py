@@ -121,10 +121,21 @@ def test_adroit_binary_reward_and_episode_end_at_the_first_success():
     assert (reward, terminated, info["success"], info["normalized_score"]) == (0.0, True, True, 1.0)
 
 
+class PenAtTargetFirst(gym.Wrapper):
+    """Pen whose first episode starts with the pen at the target (it succeeds at once); later ones start as usual."""
+
+    def reset(self, *, seed=None, options=None):
+        if getattr(self, "started", False):
+            return self.env.reset(seed=seed, options=options)
+        self.started = True
+        return self.env.reset(seed=seed, options={"initial_state_dict": aligned_pen_state(self.env)})
+
+
 def test_adroit_evaluation_scores_success_without_reference_returns():
-    env = make_env("pen-binary-v0", seed=0)
-    result = evaluate(env, lambda obs: np.zeros(24), n_episodes=2, seed=0)  # no ref scores: the env reports the score
-    assert result["normalized_score"] == result["success_rate"]
+    env = PenAtTargetFirst(make_env("pen-binary-v0", seed=0))
+    # the first episode succeeds at its first step; the second, pushed by full actions, never does
+    result = evaluate(env, lambda obs: np.ones(24), n_episodes=2, seed=0)  # no ref scores: the env reports the score
+    assert (result["success_rate"], result["normalized_score"], result["length"]) == (0.5, 0.5, (1 + 100) / 2)
 
 
 def test_kitchen_reward_counts_the_solved_subtasks_and_scores_their_fraction():
