@@ -3,7 +3,7 @@
 Paper: Nakamoto et al., "Cal-QL: Calibrated Offline RL Pre-Training for Efficient Online Fine-Tuning" (NeurIPS 2023).
 The official code has no Atari version; the discrete form used here is this project's own (calql-spec.md §9):
 
-    loss = TD(Q(s, a), r + gamma * max_a' Q_target(s', a')) + cql_alpha * (logsumexp_a Q~(s, a) - Q(s, a_data))
+    loss = TD(Q(s, a), r + gamma * max_a' Q_target(s', a')) + cql_weight * (logsumexp_a Q~(s, a) - Q(s, a_data))
 
 with Q~(s, a) = max(Q(s, a), mc_return(s)) for every action (the Cal-QL line, search "Cal-QL") and Q~ = Q for plain
 CQL (`--no-calibrate`). mc_return(s) is the Monte-Carlo discounted return-to-go of the logged trajectory (clipped
@@ -11,11 +11,14 @@ rewards), a value estimate of the behaviour policy that Q must not fall below. D
 a small built-in dataset of a noisy heuristic on Freeway that the script collects and caches itself.
 """
 
+import json
+import math
 import os
 import random
+import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import gymnasium as gym
@@ -43,7 +46,7 @@ class Args:
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
-    """if toggled, cuda will be used when available"""
+    """if toggled, cuda will be enabled by default"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "cal-ql"
@@ -51,9 +54,13 @@ class Args:
     wandb_entity: str | None = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
-    """record the first episode of every evaluation to `videos/{run_name}`"""
+    """record the first episode of every evaluation to `videos/{run_name}` (needs moviepy and a MuJoCo GL backend)"""
     save_model: bool = True
-    """save the Q-network state_dict after pre-training and at the end, into runs/{run_name}/"""
+    """save the agent to `runs/{run_name}/pretrained.pt` after pre-training and `final.pt` at the end"""
+    run_name: str | None = None
+    """the run's folder in runs/ (default `{env_id}__{exp_name}__{seed}__{time}`); a folder holding a checkpoint is resumed"""
+    checkpoint_every: int = 5_000
+    """save the whole run state to `runs/{run_name}/checkpoint.pt` every this many gradient steps (0: only on SIGTERM/SIGUSR1/SIGUSR2)"""
 
     # data
     env_id: str = "ALE/Freeway-v5"
@@ -76,8 +83,8 @@ class Args:
     """gradient steps between copies of the Q-network into the target network"""
 
     # CQL / Cal-QL
-    cql_alpha: float = 1.0
-    """weight of the CQL(H) regulariser"""
+    cql_weight: float = 1.0
+    """weight of the CQL(H) regulariser (CQL alpha)"""
     calibrate: bool = True
     """Cal-QL: bound the Q-values inside the logsumexp from below by the MC return; --no-calibrate gives plain CQL"""
     td_loss: Literal["huber", "mse"] = "huber"
@@ -88,15 +95,15 @@ class Args:
     """the batch size of each gradient step"""
 
     # offline
-    offline_updates: int = 10_000
+    offline_steps: int = 10_000
     """gradient steps of offline pre-training"""
     offline_eval_every: int = 2_500
     """gradient steps between evaluations during pre-training"""
 
     # online
-    online_steps: int = 4_096
+    online_env_steps: int = 4_096
     """environment steps of online fine-tuning (Freeway episodes are 2048 steps)"""
-    utd: float = 1.0
+    utd_ratio: float = 1.0
     """gradient steps per environment step, done after each episode once it is labelled"""
     mixing_ratio: float = 0.5
     """fraction of each online-phase batch drawn from the offline data (the rest from the online buffer)"""
@@ -106,8 +113,8 @@ class Args:
     """cap on agent steps of online and evaluation episodes (None: ALE's 27,000)"""
 
     # evaluation
-    eval_every: int = 2048
-    """environment steps between online evaluations (checked at episode ends)"""
+    online_eval_every: int = 2048
+    """evaluate when the environment-step count crosses a multiple of this (checked at episode ends)"""
     eval_episodes: int = 3
     """episodes per evaluation"""
     eval_epsilon: float = 0.001
@@ -123,28 +130,25 @@ class Args:
 
 
 def calc_mc_returns(rewards, terminals, episode_ends, gamma, failure_reward=None) -> np.ndarray:
-    """Monte-Carlo return-to-go of flat, concatenated trajectories: G_t = r_t + gamma * G_{t+1} * (1 - terminal_t).
-
-    episode_ends[i] marks the last step of a trajectory; nothing is bootstrapped past it. Sparse-reward failure rule
-    (spec §4): a trajectory whose rewards all equal failure_reward gets failure_reward / (1 - gamma) at every step.
-    """
-    rewards = np.asarray(rewards, np.float64)
-    episode_ends = np.asarray(episode_ends, bool).copy()
-    episode_ends[-1] = True
-    # Solve G_t = a_t + b_t * G_{t+span} with a doubling span: log2(longest trajectory) vectorised passes, no Python
-    # loop over steps. b becomes exactly 0 across a cut, and gamma ** span underflows to 0 after ~17 passes.
-    a = rewards.copy()
-    b = np.where(np.asarray(terminals, bool) | episode_ends, 0.0, gamma)
-    span = 1
-    while span < len(a) and b.any():
-        a[:-span] += b[:-span] * a[span:]
-        b[:-span] = b[:-span] * b[span:]
-        span *= 2
+    """Monte-Carlo return-to-go of every transition of a flat dataset (trajectories concatenated):
+    G_t = r_t + gamma * (1 - terminal_t) * G_{t+1}, with nothing bootstrapped past a trajectory's last step.
+    Sparse failure rule (official): a trajectory whose every reward equals failure_reward never reached the goal,
+    so each of its steps gets the value of failing forever, failure_reward / (1 - gamma)."""
+    rewards, episode_ends = np.asarray(rewards, np.float64), np.asarray(episode_ends, bool)
+    returns = rewards.copy()
+    decay = gamma * (1.0 - np.asarray(terminals, np.float64)) * ~episode_ends
+    # Suffix scan in log2(N) vectorised passes: after the pass with shift k, returns[t] holds the discounted sum
+    # of rewards t..t+2k-1 (cut at terminals and trajectory ends) and decay[t] the discount onto t+2k.
+    shift = 1
+    while shift < len(returns):
+        returns[:-shift] += decay[:-shift] * returns[shift:]
+        decay[:-shift] *= decay[shift:]
+        shift *= 2
     if failure_reward is not None:
-        trajectory = np.concatenate([[0], np.cumsum(episode_ends[:-1])])
+        trajectory = np.concatenate([[0], np.cumsum(episode_ends[:-1])]).astype(np.int64)
         failed = np.bincount(trajectory, weights=rewards != failure_reward) == 0
-        a = np.where(failed[trajectory], failure_reward / (1 - gamma), a)
-    return a.astype(np.float32)
+        returns[failed[trajectory]] = failure_reward / (1 - gamma)
+    return returns.astype(np.float32)
 
 
 class FrameStore:
@@ -181,6 +185,9 @@ class FrameStore:
             self.data[k][self.size : self.size + n] = episode[k]
         self.size += n
         self._index()
+
+    def state_dict(self) -> dict:
+        return {k: v[: self.size] for k, v in self.data.items()}
 
     def _index(self):
         ends, steps = self.data["episode_ends"][: self.size], np.arange(self.size)
@@ -257,7 +264,7 @@ def cql_loss(q, q_data, mc_returns, calibrate):
 
 
 def update(qf, qf_target, optimizer, batch, args) -> dict:
-    """One gradient step of TD + cql_alpha * CQL on a batch; returns detached metric tensors (no host sync)."""
+    """One gradient step of TD + cql_weight * CQL on a batch; returns detached metric tensors (no host sync)."""
     q = qf(batch["obs"])
     q_data = q.gather(1, batch["actions"][:, None]).squeeze(1)
     with torch.no_grad():
@@ -266,7 +273,7 @@ def update(qf, qf_target, optimizer, batch, args) -> dict:
     td_loss = (F.smooth_l1_loss if args.td_loss == "huber" else F.mse_loss)(q_data, td_target)
     cql = cql_loss(q, q_data, batch["mc_returns"], args.calibrate)
     optimizer.zero_grad()
-    (td_loss + args.cql_alpha * cql).backward()
+    (td_loss + args.cql_weight * cql).backward()
     optimizer.step()
     q, mc = q.detach(), batch["mc_returns"]
     return {"losses/td_loss": td_loss.detach(), "losses/cql_loss": cql.detach(),
@@ -275,28 +282,30 @@ def update(qf, qf_target, optimizer, batch, args) -> dict:
 
 
 class CudaGraphStep:
-    """Replays `step(batch)` as one captured CUDA graph: each call copies the batch into the captured input tensors
-    and replays, so the update's kernel launches cost one. The first `warmup` calls run eagerly on a side stream,
-    as capture requires (they create Adam's state and pick kernels); they are real steps. Every call is one step."""
+    """Replays `step(*inputs)` as one captured CUDA graph, so the ~400 kernel launches of an update cost one. Each
+    input is a dict of tensors, copied into the captured ones before a replay (a step that samples its own batch on
+    the GPU has none). The first `warmup` calls run eagerly on a side stream, as capture requires (they create Adam's
+    state and pick cuBLAS kernels); they are real steps. Every call is one step."""
 
     def __init__(self, step, warmup: int = 3):
         self.step, self.warmup, self.graph, self.side_stream = step, warmup, None, torch.cuda.Stream()
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, *inputs: dict) -> dict:
         if self.warmup > 0:
             self.warmup -= 1
             self.side_stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side_stream):
-                metrics = self.step(batch)
+                metrics = self.step(*inputs)
             torch.cuda.current_stream().wait_stream(self.side_stream)
             return metrics
         if self.graph is None:  # capture records the kernels without running them; the replay below runs them
-            self.batch, self.graph = {k: v.clone() for k, v in batch.items()}, torch.cuda.CUDAGraph()
+            self.inputs, self.graph = [{k: v.clone() for k, v in d.items()} for d in inputs], torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.metrics = self.step(self.batch)  # static outputs, overwritten by every replay
+                self.metrics = self.step(*self.inputs)  # static outputs, overwritten by every replay
         else:
-            for k, v in batch.items():
-                self.batch[k].copy_(v)
+            for static, new in zip(self.inputs, inputs):
+                for k, v in new.items():
+                    static[k].copy_(v)
         self.graph.replay()
         return self.metrics
 
@@ -315,23 +324,87 @@ def to_torch(batch, device) -> dict:
     return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
 
 
-def log_metrics(writer, metrics, global_step, start_time):
-    for key, value in metrics.items():
-        value = value.item()
-        if not np.isfinite(value):
-            sys.exit(f"error: {key} is {value} at gradient step {global_step} (checked every --log-every steps)")
-        writer.add_scalar(key, value, global_step)
-    writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+@dataclass
+class Progress:
+    """Where the run stands: what a resumed run needs besides the networks, the buffers and the random states."""
+
+    phase: str = "offline"  # then "online"
+    global_step: int = 0  # gradient steps
+    env_steps: int = 0  # online environment steps
+
+
+def crossed(before: int, after: int, every: int) -> bool:
+    """Whether a counter going from `before` to `after` passed a multiple of `every` (never for every <= 0)."""
+    return every > 0 and after // every > before // every
+
+
+def log_metrics(writer: SummaryWriter, metrics: dict, global_step: int, steps_per_second: float):
+    """Write the training metrics (one device-to-host copy for all); stop at the first non-finite value."""
+    for tag, value in zip(metrics, torch.stack(list(metrics.values())).tolist()):
+        if not math.isfinite(value):
+            raise SystemExit(f"error: {tag} became {value} by gradient step {global_step}; lower the learning rates or check the data's rewards")
+        writer.add_scalar(tag, value, global_step)
+    writer.add_scalar("charts/SPS", int(steps_per_second), global_step)
+
+
+def atomic_save(state: dict, path: str):
+    """torch.save through a temporary file and a rename: a kill mid-write leaves the previous file intact."""
+    torch.save(state, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def random_states(env: gym.Env, rng: np.random.Generator) -> dict:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda,
+            "rng": rng.bit_generator.state, "ale": env.unwrapped.ale.cloneState(include_rng=True)}  # sticky actions' RNG
+
+
+def restore_random_states(states: dict, env: gym.Env, rng: np.random.Generator):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+    rng.bit_generator.state = states["rng"]
+    env.unwrapped.ale.restoreState(states["ale"])
+
+
+class StopSignal:
+    """SIGTERM, SIGUSR1 or SIGUSR2 (what SLURM sends before preemption or the time limit; submitit uses SIGUSR2)
+    only raise a flag: the loops finish the current gradient step (offline) or episode (online), save and exit."""
+
+    def __init__(self):
+        self.name = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, self.receive)
+
+    def receive(self, signum, frame):
+        self.name = signal.Signals(signum).name
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
     if not 0 <= args.mixing_ratio <= 1:
-        sys.exit(f"error: --mixing-ratio {args.mixing_ratio} is the offline share of a batch: give a value in [0, 1]")
-    if args.cudagraphs and not (args.cuda and torch.cuda.is_available()):
-        sys.exit("error: --cudagraphs replays CUDA graphs and needs a CUDA GPU (with --cuda on); drop the flag on CPU")
-    # offline data: clipped rewards, MC labels per trajectory, frames stored once (loaded before the run folder is
-    # created, so that a data error leaves no empty run behind)
+        raise SystemExit(f"error: --mixing-ratio {args.mixing_ratio} is the offline share of a batch: give a value in [0, 1]")
+    run_name = args.run_name or f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir, stop = f"runs/{run_name}", StopSignal()
+    if os.path.exists(f"{run_dir}/finished.json"):
+        print(f"run {run_name} is already finished ({run_dir}/finished.json)")
+        raise SystemExit(0)
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.cudagraphs and device.type != "cuda":
+        raise SystemExit("error: --cudagraphs replays CUDA graphs and needs a CUDA GPU (with --cuda on); drop the flag on CPU")
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32" if args.tf32 else "ieee"
+    rng = np.random.default_rng(args.seed)
+
+    # environment and offline data: clipped rewards, MC labels per trajectory, frames stored once (before the run
+    # folder: bad data leaves none)
     try:
         env = make_env(args.env_id, args.seed, args.max_episode_steps)
         eval_env = make_env(args.env_id, args.seed + 1, args.max_episode_steps, "rgb_array" if args.capture_video else None)
@@ -340,96 +413,107 @@ if __name__ == "__main__":
     except DatasetError as e:
         raise SystemExit(f"error: {e}")
     eval_env = gym.wrappers.FrameStackObservation(eval_env, FRAME_STACK, padding_type="zero")  # as the frame store
-    n_actions = env.action_space.n
-    if data["actions"].max() >= n_actions:
-        sys.exit(f"error: the dataset has action {data['actions'].max()} but {args.env_id} has {n_actions} actions")
-    offline_buffer, online_buffer = FrameStore(**label(data, args.gamma)), FrameStore.empty()
-
-    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     if args.capture_video:
         eval_env = gym.wrappers.RecordVideo(eval_env, f"videos/{run_name}", lambda i: i % args.eval_episodes == 0)
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
-
-    # TRY NOT TO MODIFY: seeding
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    rng = np.random.default_rng(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32" if args.tf32 else "ieee"
+    n_actions = env.action_space.n
+    if data["actions"].max() >= n_actions:
+        raise SystemExit(f"error: the dataset has action {data['actions'].max()} but {args.env_id} has {n_actions} actions")
+    offline_buffer, online_buffer = FrameStore(**label(data, args.gamma)), FrameStore.empty()
 
     qf = QNetwork(n_actions).to(device)
     qf_target = QNetwork(n_actions).to(device)
     qf_target.load_state_dict(qf.state_dict())
     optimizer = torch.optim.Adam(qf.parameters(), lr=args.learning_rate, eps=0.01 / 32, capturable=args.cudagraphs)
-    train_step = make_train_step(qf, qf_target, optimizer, args)
-    global_step, env_steps, start_time = 0, 0, time.time()
+    progress, resumed = Progress(), os.path.exists(f"{run_dir}/checkpoint.pt")
+    if resumed:  # continue where the run stopped, as if it never had
+        checkpoint = torch.load(f"{run_dir}/checkpoint.pt", map_location=device, weights_only=False)
+        for module, name in ((qf, "qf"), (qf_target, "qf_target"), (optimizer, "optimizer")):
+            module.load_state_dict(checkpoint[name])
+        progress, online_buffer = Progress(**checkpoint["progress"]), FrameStore(**checkpoint["online_buffer"])
+        restore_random_states(checkpoint["random_states"], env, rng)
+        print(f"resuming {run_name} from gradient step {progress.global_step} ({progress.phase}, {progress.env_steps} env steps)")
+    if args.track:
+        import wandb
 
-    def report_eval(phase):
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
+    # a resumed run rewrites what followed its checkpoint: TensorBoard hides those older points (no duplicates)
+    writer = SummaryWriter(run_dir, purge_step=progress.global_step + 1 if resumed else None)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    train_step = make_train_step(qf, qf_target, optimizer, args)
+    start_time, start_step = time.time(), progress.global_step
+
+    def gradient_step(batch: dict):
+        metrics, progress.global_step = train_step(to_torch(batch, device)), progress.global_step + 1
+        if progress.global_step % args.target_update_period == 0:
+            qf_target.load_state_dict(qf.state_dict())
+        if progress.global_step % args.log_every == 0:
+            log_metrics(writer, metrics, progress.global_step, (progress.global_step - start_step) / (time.time() - start_time))
+
+    def run_evaluation() -> float:
+        """Mean raw (unclipped) return of the eval_epsilon-greedy policy, logged at the current gradient step."""
         policy = epsilon_greedy(qf.act, n_actions, args.eval_epsilon, rng)
-        eval_return = evaluate(eval_env, policy, args.eval_episodes, args.seed + 1)["return"]  # raw, unclipped
-        writer.add_scalar("eval/return", eval_return, global_step)
-        tqdm.write(f"eval ({phase}) at gradient step {global_step}, env step {env_steps}: return {eval_return:.1f}")
+        eval_return = evaluate(eval_env, policy, args.eval_episodes, args.seed + 1)["return"]
+        writer.add_scalar("eval/return", eval_return, progress.global_step)
+        writer.add_scalar("eval/env_steps", progress.env_steps, progress.global_step)
         return eval_return
 
+    def save_progress():
+        """The whole run state, written after everything up to this gradient step is logged."""
+        writer.flush()
+        atomic_save({"qf": qf.state_dict(), "qf_target": qf_target.state_dict(), "optimizer": optimizer.state_dict(), "args": asdict(args),
+                     "progress": asdict(progress), "online_buffer": online_buffer.state_dict(), "random_states": random_states(env, rng)}, f"{run_dir}/checkpoint.pt")
+
+    def exit_if_stopped():
+        if stop.name:
+            save_progress()
+            print(f"stopped by {stop.name} at gradient step {progress.global_step}: state saved to {run_dir}/checkpoint.pt; run the same command again to resume", file=sys.stderr)
+            raise SystemExit(75)  # EX_TEMPFAIL: try again
+
+    def save_agent(name: str):
+        if args.save_model:
+            atomic_save({"qf": qf.state_dict(), "global_step": progress.global_step, "args": asdict(args)}, f"{run_dir}/{name}")
+
     # ---------------- offline pre-training ----------------
-    pbar = tqdm(total=args.offline_updates, desc="offline")
-    pbar.set_postfix(eval=report_eval("before training"))
-    for _ in range(args.offline_updates):
-        metrics = train_step(to_torch(offline_buffer.sample(args.batch_size, rng), device))
-        global_step += 1
-        if global_step % args.target_update_period == 0:
-            qf_target.load_state_dict(qf.state_dict())
-        if global_step % args.log_every == 0:
-            log_metrics(writer, metrics, global_step, start_time)
-        if global_step % args.offline_eval_every == 0 or global_step == args.offline_updates:
-            pbar.set_postfix(eval=report_eval("offline"))
-        pbar.update(1)
-    pbar.close()
-    offline_time = time.time() - start_time
-    print(f"offline: {global_step} gradient steps in {offline_time:.0f} s ({global_step / offline_time:.1f} steps/s)")
-    if args.save_model:
-        torch.save(qf.state_dict(), f"runs/{run_name}/{args.exp_name}_offline.cleanrl_model")
+    if progress.phase == "offline":
+        with tqdm(initial=progress.global_step, total=args.offline_steps, desc="offline", unit="step", mininterval=2) as bar:
+            if not resumed:
+                bar.set_postfix(eval=run_evaluation())
+            while progress.global_step < args.offline_steps and not stop.name:
+                gradient_step(offline_buffer.sample(args.batch_size, rng))
+                if progress.global_step % args.offline_eval_every == 0 or progress.global_step == args.offline_steps:
+                    bar.set_postfix(eval=run_evaluation())
+                if crossed(progress.global_step - 1, progress.global_step, args.checkpoint_every):
+                    save_progress()
+                bar.update()
+        exit_if_stopped()
+        save_agent("pretrained.pt")
+        progress.phase = "online"
 
-    # ---------------- online fine-tuning ----------------
+    # ---------------- online fine-tuning: collect, label, update, evaluate ----------------
     n_offline = int(args.batch_size * args.mixing_ratio)
-    pbar = tqdm(total=args.online_steps, desc="online")
-    while env_steps < args.online_steps:
-        # ALGO LOGIC: one whole episode, labelled with its MC returns once it is over, then len * utd updates
-        episode = run_episode(env, qf.act, args.online_epsilon, rng)
-        writer.add_scalar("charts/episodic_return", episode["rewards"].sum(), global_step)
-        online_buffer.add(**label(episode, args.gamma))
-        previous_env_steps, env_steps = env_steps, env_steps + len(episode["actions"])
-        for _ in range(int(len(episode["actions"]) * args.utd)):
-            offline_batch = offline_buffer.sample(n_offline, rng)
-            online_batch = online_buffer.sample(args.batch_size - n_offline, rng)
-            batch = {k: np.concatenate([offline_batch[k], online_batch[k]]) for k in offline_batch}
-            metrics = train_step(to_torch(batch, device))
-            global_step += 1
-            if global_step % args.target_update_period == 0:
-                qf_target.load_state_dict(qf.state_dict())
-            if global_step % args.log_every == 0:
-                log_metrics(writer, metrics, global_step, start_time)
-        if env_steps // args.eval_every > previous_env_steps // args.eval_every or env_steps >= args.online_steps:
-            pbar.set_postfix(eval=report_eval("online"))
-        pbar.update(len(episode["actions"]))
-    pbar.close()
-    print(f"done: {global_step} gradient steps, {env_steps} env steps in {time.time() - start_time:.0f} s")
+    with tqdm(initial=progress.env_steps, total=args.online_env_steps, desc="online", unit="env step", mininterval=2) as bar:
+        while progress.env_steps < args.online_env_steps and not stop.name:
+            episode = run_episode(env, qf.act, args.online_epsilon, rng)
+            online_buffer.add(**label(episode, args.gamma))  # labelled with its own MC returns once it has ended
+            steps_before, env_steps_before = progress.global_step, progress.env_steps
+            progress.env_steps += len(episode["actions"])
+            for _ in range(int(len(episode["actions"]) * args.utd_ratio)):
+                offline_batch, online_batch = offline_buffer.sample(n_offline, rng), online_buffer.sample(args.batch_size - n_offline, rng)
+                gradient_step({k: np.concatenate([offline_batch[k], online_batch[k]]) for k in offline_batch})
+            writer.add_scalar("charts/episodic_return", episode["rewards"].sum(), progress.global_step)
+            writer.add_scalar("charts/env_steps", progress.env_steps, progress.global_step)
+            if crossed(env_steps_before, progress.env_steps, args.online_eval_every) or progress.env_steps >= args.online_env_steps:
+                bar.set_postfix(eval=run_evaluation())
+            if crossed(steps_before, progress.global_step, args.checkpoint_every):
+                save_progress()
+            bar.update(len(episode["actions"]))
+    exit_if_stopped()
 
-    if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        torch.save(qf.state_dict(), model_path)
-        print(f"model saved to {model_path}")
+    save_agent("final.pt")
+    with open(f"{run_dir}/finished.json", "w") as f:  # marks the run done for a re-launch (and benchmarks/grid.py)
+        json.dump({"global_step": progress.global_step, "env_steps": progress.env_steps, "wall_time_s": round(time.time() - start_time, 1)}, f)
+    if os.path.exists(f"{run_dir}/checkpoint.pt"):
+        os.remove(f"{run_dir}/checkpoint.pt")  # it holds the online buffer's frames
     env.close()
     eval_env.close()
     writer.close()

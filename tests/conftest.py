@@ -1,6 +1,7 @@
 """Fixtures that write datasets in their real on-disk formats, and a runner for the scripts."""
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -117,6 +118,54 @@ def awac_files(tmp_path):
             trajectories = np.array([trajectory(r, obs_dim, act_dim, rng, expert) for r in rewards], dtype=object)
             np.save(folder / file, trajectories, allow_pickle=True)
         return str(folder.parent)
+
+    return write
+
+
+@pytest.fixture
+def fake_run():
+    """Write a run's TensorBoard events in the scripts' tag layout into root/runs/NAME (NAME as the grid names it):
+    the `hyperparameters` text as the scripts write it; one evaluation (eval/normalized_score, eval/success_rate,
+    eval/return, eval/env_steps) per entry of `offline` (gradient steps 0, 10, 20, ..., env steps 0) and of
+    `online` ((env_steps, score) pairs, at gradient step offline_steps + env_steps, with the running eval/regret);
+    calibration/q_minus_mc = seed + step / 100 every 5 gradient steps up to the last evaluation; finished.json
+    when `finished`; `atari`: only eval/return and eval/env_steps, as cal_ql_atari.py logs them. `resume_at` (gradient step S, step T > S): written as a run stopped at T whose checkpoint is
+    at S and resumed, as the scripts do it: a first SummaryWriter writes every point up to T, those after S one
+    step late (the lost attempt, as a run that is not bitwise reproducible would log them, so that a reader
+    ignoring the purge shows them), a second one (purge_step=S + 1) every point after S. Returns the run folder."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    def write(root, exp_name, env_id, seed, offline=(0.1, 0.3), online=((100, 0.5), (200, 0.7)), finished=True, resume_at=None, atari=False):
+        name, offline_steps = f"{env_id.replace('/', '_')}__{exp_name}__{seed}", 10 * (len(offline) - 1)
+        args = {"exp_name": exp_name, "seed": seed, "env_id": env_id, "offline_steps": offline_steps}
+        points, regrets = [], []  # (tag, value, gradient step)
+        for i, score in enumerate(offline):
+            points += [(f"eval/{k}", v, 10 * i) for k, v in (("normalized_score", score), ("success_rate", score), ("return", 10 * score), ("env_steps", 0))]
+        for env_steps, score in online:
+            regrets.append(1 - score)
+            values = (("normalized_score", score), ("success_rate", score), ("return", 10 * score), ("env_steps", env_steps), ("regret", np.mean(regrets)))
+            points += [(f"eval/{k}", v, offline_steps + env_steps) for k, v in values]
+        points += [("calibration/q_minus_mc", seed + step / 100, step) for step in range(5, max(p[2] for p in points) + 1, 5)]
+        points = [p for p in points if not atari or p[0] in ("eval/return", "eval/env_steps", "calibration/q_minus_mc")]
+        (folder := Path(root) / "runs" / name).mkdir(parents=True)
+
+        def log(purge_step, at):  # at(step): the step to log a point at, None to leave it out
+            writer = SummaryWriter(str(folder), purge_step=purge_step)
+            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in args.items()))
+            for tag, value, step in sorted(points, key=lambda p: p[2]):
+                if at(step) is not None:
+                    writer.add_scalar(tag, value, at(step))
+            writer.close()
+
+        if resume_at is None:
+            log(None, lambda step: step)
+        else:
+            checkpoint, stop = resume_at
+            log(None, lambda step: step if step <= checkpoint else step + 1 if step <= stop else None)
+            log(checkpoint + 1, lambda step: step if step > checkpoint else None)
+        if finished:
+            (folder / "finished.json").write_text(json.dumps({"global_step": offline_steps + online[-1][0], "env_steps": online[-1][0]}))
+        return folder
 
     return write
 

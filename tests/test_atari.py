@@ -235,8 +235,8 @@ def test_non_finite_loss_stops_the_run_naming_the_loss_and_step(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
     metrics = {"losses/td_loss": torch.tensor(1.0), "losses/cql_loss": torch.tensor(float("nan"))}
-    with SummaryWriter(tmp_path) as writer, pytest.raises(SystemExit, match="losses/cql_loss is nan at gradient step 7"):
-        atari.log_metrics(writer, metrics, global_step=7, start_time=0.0)
+    with SummaryWriter(tmp_path) as writer, pytest.raises(SystemExit, match="error: losses/cql_loss became nan by gradient step 7"):
+        atari.log_metrics(writer, metrics, global_step=7, steps_per_second=1.0)
 
 
 def test_update_reads_nothing_on_the_host_but_cpu_adams_step_count():
@@ -264,8 +264,8 @@ def test_unknown_env_id_is_one_clear_error():
 
 # ---------------- end to end on the real ALE ----------------
 
-SMOKE = ["--dataset-size", "300", "--offline-updates", "20", "--offline-eval-every", "10", "--online-steps", "100",
-         "--max-episode-steps", "40", "--utd", "0.5", "--eval-every", "50", "--eval-episodes", "1", "--batch-size", "8",
+SMOKE = ["--dataset-size", "300", "--offline-steps", "20", "--offline-eval-every", "10", "--online-env-steps", "100",
+         "--max-episode-steps", "40", "--utd-ratio", "0.5", "--online-eval-every", "50", "--eval-episodes", "1", "--batch-size", "8",
          "--log-every", "5", "--target-update-period", "10"]
 
 
@@ -274,8 +274,8 @@ def test_smoke_run_pretrains_finetunes_evaluates_and_saves(run_script, tmp_path)
     replay_logs = tmp_path / "datasets/atari/Freeway/replay_logs"
     assert load_replay_logs(replay_logs, (0,))["frames"].shape == (300, 84, 84)
     (run_dir,) = (tmp_path / "runs").iterdir()
-    for checkpoint in ("cal_ql_atari_offline.cleanrl_model", "cal_ql_atari.cleanrl_model"):
-        atari.QNetwork(3).load_state_dict(torch.load(run_dir / checkpoint))
+    for checkpoint in ("pretrained.pt", "final.pt"):
+        atari.QNetwork(3).load_state_dict(torch.load(run_dir / checkpoint)["qf"])
     logged = scalars(run_dir)
     keys = {"charts/SPS", "charts/episodic_return", "losses/td_loss", "losses/cql_loss", "losses/q_values",
             "calibration/bound_rate", "calibration/q_minus_mc", "eval/return"}
@@ -285,5 +285,5 @@ def test_smoke_run_pretrains_finetunes_evaluates_and_saves(run_script, tmp_path)
     assert logged["eval/return"] == [0, 10, 20, 60, 80]
     assert len(list((tmp_path / "videos").glob("*/*.mp4"))) == 5  # the first episode of each evaluation
     # a second run reuses the collected dataset
-    rerun = run_script("cal_ql_atari.py", *SMOKE, "--offline-updates", "0", "--online-steps", "0")
+    rerun = run_script("cal_ql_atari.py", *SMOKE, "--offline-steps", "0", "--online-env-steps", "0")
     assert "reusing the built-in dataset" in rerun.stdout

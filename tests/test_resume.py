@@ -12,8 +12,10 @@ import torch
 
 from conftest import REPO, TINY, scalars
 
-RUN = [*TINY, "--offline-steps", "150", "--offline-eval-every", "50", "--online-env-steps", "900", "--online-eval-every", "300",
-       "--eval-episodes", "1", "--checkpoint-every", "100"]
+CONTINUOUS = [*TINY, "--offline-steps", "150", "--offline-eval-every", "50", "--online-env-steps", "900", "--online-eval-every", "300",
+              "--eval-episodes", "1", "--checkpoint-every", "100"]
+ATARI = ["--dataset-size", "300", "--offline-steps", "150", "--offline-eval-every", "50", "--online-env-steps", "600", "--max-episode-steps", "40",
+         "--online-eval-every", "200", "--eval-episodes", "1", "--batch-size", "8", "--log-every", "5", "--target-update-period", "10", "--checkpoint-every", "100"]
 
 
 def start(script, cwd, *flags):
@@ -36,12 +38,13 @@ def stop_when(proc, path, sig=signal.SIGUSR1):
 def comparable(run_dir):
     """Every logged scalar but the wall-clock ones, and the final parameters."""
     logged = {tag: points for tag, points in scalars(run_dir, with_values=True).items() if tag != "charts/SPS"}
-    return logged, torch.load(run_dir / "final.pt")["agent"]
+    final = torch.load(run_dir / "final.pt")
+    return logged, final.get("agent", final.get("qf"))
 
 
-@pytest.mark.parametrize("script", ["cal_ql_continuous.py"])
+@pytest.mark.parametrize("script", ["cal_ql_continuous.py", "cal_ql_atari.py"])
 def test_run_stopped_in_both_phases_and_resumed_equals_the_run_done_in_one_go(script, run_script, pointmaze_data_dir, tmp_path):
-    flags = ["--dataset-dir", pointmaze_data_dir, *RUN]
+    flags = ATARI if script == "cal_ql_atari.py" else ["--dataset-dir", pointmaze_data_dir, *CONTINUOUS]
     run_script(script, *flags, "--run-name", "whole")
 
     run_dir = tmp_path / "runs" / "stopped"
