@@ -26,14 +26,6 @@ import tyro
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from update_throughput import Workload, continuous_step, synthetic_buffer, time_updates, workload_args  # noqa: E402
 
-try:
-    import d3rlpy
-    from d3rlpy.models.encoders import VectorEncoderFactory
-    from d3rlpy.torch_utility import TorchMiniBatch
-except ImportError:
-    d3rlpy = None
-
-
 @dataclass
 class Args(Workload):
     modes: list[Literal["eager", "compile"]] = field(default_factory=lambda: ["eager"])
@@ -46,6 +38,10 @@ class Args(Workload):
 
 def d3rlpy_step(args: Args, name: str, device: torch.device):
     """d3rlpy's CalQL configured to do the scripts' work on the workload; one call is one update."""
+    import d3rlpy
+    from d3rlpy.models.encoders import VectorEncoderFactory
+    from d3rlpy.torch_utility import TorchMiniBatch
+
     obs_dim, action_dim, a = workload_args(args, name, {})
     if not a.cql_importance_sample:
         raise SystemExit(f"error: workload {name} turns importance sampling off, which d3rlpy's CalQL always does")
@@ -80,10 +76,18 @@ def machine_state() -> str:
     return f"threads {torch.get_num_threads()}, load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def side_by_side(args: Args, name: str, device: torch.device):
+def d3rlpy_version() -> str | None:
+    try:
+        import d3rlpy
+    except ImportError:
+        return None
+    return d3rlpy.__version__
+
+
+def side_by_side(args: Args, name: str, device: torch.device, with_d3rlpy: bool):
     """Build every system, warm each up, then time them in turns; print each round and the medians."""
     systems = {f"ours {mode}": continuous_step(args, name, device, {"compile": mode == "compile"}) for mode in args.modes}
-    if d3rlpy is not None:
+    if with_d3rlpy:
         systems["d3rlpy"] = d3rlpy_step(args, name, device)
     for step in systems.values():
         time_updates(step, replace(args, warmup=0, steps=args.warmup), device)
@@ -105,9 +109,10 @@ if __name__ == "__main__":
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, {machine_state()}, {args.rounds} rounds of {args.steps} updates")
-    if d3rlpy is None:
+    version = d3rlpy_version()
+    if version is None:
         print(f"d3rlpy skipped: not installed in {sys.executable}; install it in its own venv (docs/performance-cpu.md)")
     else:
-        print(f"d3rlpy {d3rlpy.__version__}")
+        print(f"d3rlpy {version}")
     for name in args.workloads:
-        side_by_side(args, name, device)
+        side_by_side(args, name, device, with_d3rlpy=version is not None)
