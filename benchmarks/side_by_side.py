@@ -7,6 +7,8 @@ d3rlpy is no dependency of the scripts: install it in its own environment (docs/
 without it, only the scripts' modes are timed. The systems take turns (ours, d3rlpy, ours, d3rlpy, ...) for --rounds
 rounds of --steps timed updates each, so a machine shared with other jobs slows them alike; every line carries the
 machine's state (threads, load averages), and the summary gives the median over rounds and the ratio to d3rlpy.
+Each figure comes twice: updates per wall-clock second, and updates per second of this process's CPU time, which
+other jobs on the machine disturb much less (with one thread it is the cost of an update on a free core).
 
 d3rlpy does the same work: the same networks (2 critics), batch, learning rates, 10 sampled actions per set,
 importance sampling, max-target backup, the Lagrange multiplier (alpha threshold) where the workload has it, and
@@ -17,6 +19,7 @@ import math
 import os
 import statistics
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -72,6 +75,10 @@ def d3rlpy_step(args: Args, name: str, device: torch.device):
     return step
 
 
+def format_rates(wall_rate: float, cpu_rate: float) -> str:
+    return f"{wall_rate:8.2f} updates/s {cpu_rate:8.2f} per CPU-s"
+
+
 def machine_state() -> str:
     return f"threads {torch.get_num_threads()}, load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -94,12 +101,16 @@ def side_by_side(args: Args, name: str, device: torch.device, with_d3rlpy: bool)
     rates = {system: [] for system in systems}
     for round_ in range(1, args.rounds + 1):
         for system, step in systems.items():
-            rates[system].append(time_updates(step, replace(args, warmup=0), device)[0])
-            print(f"{name:10s} round {round_}  {system:12s} {rates[system][-1]:8.2f} updates/s   {machine_state()}", flush=True)
-    medians = {system: statistics.median(r) for system, r in rates.items()}
+            cpu_start = time.process_time()
+            wall_rate = time_updates(step, replace(args, warmup=0), device)[0]
+            rates[system].append((wall_rate, args.steps / (time.process_time() - cpu_start)))
+            print(f"{name:10s} round {round_}  {system:12s} {format_rates(*rates[system][-1])}   {machine_state()}", flush=True)
+    medians = {system: [statistics.median(column) for column in zip(*r)] for system, r in rates.items()}
     for system, median in medians.items():
-        ratio = f"   {median / medians['d3rlpy']:.2f}x d3rlpy" if "d3rlpy" in medians and system != "d3rlpy" else ""
-        print(f"{name:10s} median       {system:12s} {median:8.2f} updates/s{ratio}")
+        ratio = ""
+        if "d3rlpy" in medians and system != "d3rlpy":
+            ratio = "   ratio to d3rlpy " + " and ".join(f"{ours / theirs:.2f}x" for ours, theirs in zip(median, medians["d3rlpy"]))
+        print(f"{name:10s} median       {system:12s} {format_rates(*median)}{ratio}")
 
 
 if __name__ == "__main__":
