@@ -267,13 +267,14 @@ class Critics(nn.Module):
         if actions.dim() > obs.dim():
             obs = obs.unsqueeze(1).expand(*actions.shape[:-1], -1)
         x = torch.cat([obs, actions], -1).reshape(-1, obs.shape[-1] + actions.shape[-1])
+        x = x.expand(len(self.weights[0]), *x.shape)
         for k, (w, b) in enumerate(zip(self.weights, self.biases)):
             if detach_params:
                 w, b = w.detach(), b.detach()
-            x = torch.matmul(x, w) + b
+            x = torch.baddbmm(b, x, w)  # the bias rides in the matmul, and ReLU works in place: fewer passes over x
             if k < len(self.weights) - 1:
-                x = F.relu(x)
-        return x.reshape(len(self.weights[0]), *actions.shape[:-1])
+                x = x.relu_()
+        return x.view(len(self.weights[0]), *actions.shape[:-1])
 
 
 class Agent(nn.Module):
