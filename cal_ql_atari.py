@@ -54,7 +54,7 @@ class Args:
     wandb_entity: str | None = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
-    """record the first episode of every evaluation to `videos/{run_name}` (needs moviepy and a MuJoCo GL backend)"""
+    """record the first episode of every evaluation to `videos/{run_name}` (needs moviepy; MuJoCo tasks also a GL backend)"""
     save_model: bool = True
     """save the agent to `runs/{run_name}/pretrained.pt` after pre-training and `final.pt` at the end"""
     run_name: str | None = None

@@ -27,7 +27,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from utils.datasets import load_dataset
-from utils.evaluation import evaluate
+from utils.evaluation import deterministic, evaluate
 from utils.tasks import TASKS, check_dataset_fits_env, get_task, make_env
 from utils.validation import DatasetError
 
@@ -49,7 +49,7 @@ class Args:
     wandb_entity: str | None = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
-    """record the first episode of every evaluation to `videos/{run_name}` (needs moviepy and a MuJoCo GL backend)"""
+    """record the first episode of every evaluation to `videos/{run_name}` (needs moviepy; MuJoCo tasks also a GL backend)"""
     save_model: bool = True
     """save the agent to `runs/{run_name}/pretrained.pt` after pre-training and `final.pt` at the end"""
     run_name: str | None = None
@@ -104,10 +104,6 @@ class Args:
     """tune a multiplier alpha' (init e) that scales --cql-weight so the regularizer gap reaches --cql-target-action-gap"""
     cql_target_action_gap: float = 1.0
     """the gap targeted with --cql-lagrange"""
-    cql_clip_diff_min: float = -math.inf
-    """lower clip of logsumexp - Q(s, a_data), per transition"""
-    cql_clip_diff_max: float = math.inf
-    """upper clip of logsumexp - Q(s, a_data), per transition"""
 
     # offline
     offline_steps: int = 1_000_000
@@ -271,13 +267,14 @@ class Critics(nn.Module):
         if actions.dim() > obs.dim():
             obs = obs.unsqueeze(1).expand(*actions.shape[:-1], -1)
         x = torch.cat([obs, actions], -1).reshape(-1, obs.shape[-1] + actions.shape[-1])
+        x = x.expand(len(self.weights[0]), *x.shape)
         for k, (w, b) in enumerate(zip(self.weights, self.biases)):
             if detach_params:
                 w, b = w.detach(), b.detach()
-            x = torch.matmul(x, w) + b
+            x = torch.baddbmm(b, x, w)  # the bias rides in the matmul, and ReLU works in place: fewer passes over x
             if k < len(self.weights) - 1:
-                x = F.relu(x)
-        return x.reshape(len(self.weights[0]), *actions.shape[:-1])
+                x = x.relu_()
+        return x.view(len(self.weights[0]), *actions.shape[:-1])
 
 
 class Agent(nn.Module):
@@ -338,7 +335,7 @@ def cal_ql_losses(agent: Agent, batch: dict, noise: dict, args: Args) -> dict[st
     else:
         ood = [q_rand, q_data.unsqueeze(-1), q_next, q_cur]
     logsumexp = args.cql_temp * torch.logsumexp(torch.cat(ood, -1) / args.cql_temp, -1)
-    cql_diff = (logsumexp - q_data).clamp(args.cql_clip_diff_min, args.cql_clip_diff_max).mean(-1)
+    cql_diff = (logsumexp - q_data).mean(-1)
     if args.cql_lagrange:  # alpha' rises while the gap exceeds its target; each side sees the other as a constant
         alpha_prime = agent.log_alpha_prime.exp().clamp(0.0, 1e6)
         cql_loss = alpha_prime.detach() * args.cql_weight * (cql_diff - args.cql_target_action_gap)
@@ -481,16 +478,6 @@ def collect_episode(env: gym.Env, actor: Actor, device: torch.device) -> tuple[d
     episode = dict(zip(("observations", "actions", "rewards", "next_observations", "terminals"), columns))
     episode["episode_ends"] = np.arange(len(steps)) == len(steps) - 1
     return episode, {"return": float(columns[2].sum()), "length": len(steps), "success": float(success)}
-
-
-def deterministic_policy(actor: Actor, device: torch.device):
-    """The evaluation policy: observation -> tanh(mean), no sampling."""
-
-    def policy(obs):
-        with torch.no_grad():
-            return actor.act(torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0))[0].cpu().numpy()
-
-    return policy
 
 
 @dataclass
@@ -638,7 +625,7 @@ if __name__ == "__main__":
 
     def run_evaluation() -> dict:
         """Evaluate and log at the current gradient step; online evaluations also update the regret."""
-        result = evaluate(eval_env, deterministic_policy(agent.actor, device), args.eval_episodes, args.seed + 1_000_000, task.ref_min_score, task.ref_max_score)
+        result = evaluate(eval_env, deterministic(agent.actor.act, device), args.eval_episodes, args.seed + 1_000_000, task.ref_min_score, task.ref_max_score)
         result["env_steps"] = progress.env_steps
         if progress.phase == "online":
             result["regret"] = progress.add_online_evaluation(result["normalized_score"])

@@ -40,19 +40,17 @@ WORKLOADS = {  # name -> (obs_dim, action_dim, Args overrides)
 
 
 @dataclass
-class Args:
+class Workload:
+    """What is timed: shared by this benchmark and benchmarks/side_by_side.py."""
+
     workloads: list[Literal["W-antmaze", "adroit", "custom", "atari"]] = field(default_factory=lambda: ["W-antmaze", "adroit"])
     """named workloads: W-antmaze, adroit, custom (the shape flags below), atari (cal_ql_atari.py, batch 32)"""
-    modes: list[Literal["eager", "compile", "cudagraphs", "compile+cudagraphs"]] = field(default_factory=lambda: ["eager"])
-    """eager: the scripts' default path; compile: --compile; cudagraphs: --cudagraphs (GPU only); compile+cudagraphs: both"""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     """where to run"""
     steps: int = 20
     """timed updates per configuration"""
     warmup: int = 5
     """untimed updates first (compilation, and the 3 eager steps and capture of --cudagraphs, happen here)"""
-    tf32: bool = True
-    """GPU: TF32 matmuls, as the scripts' default --tf32"""
     batch_size: int = 256
     """transitions per update (continuous workloads)"""
     cql_n_actions: int = 10
@@ -65,6 +63,14 @@ class Args:
     """custom workload: actor widths"""
     q_hidden: list[int] = field(default_factory=lambda: [256, 256])
     """custom workload: critic widths"""
+
+
+@dataclass
+class Args(Workload):
+    modes: list[Literal["eager", "compile", "cudagraphs", "compile+cudagraphs"]] = field(default_factory=lambda: ["eager"])
+    """eager: the scripts' default path; compile: --compile; cudagraphs: --cudagraphs (GPU only); compile+cudagraphs: both"""
+    tf32: bool = True
+    """GPU: TF32 matmuls, as the scripts' default --tf32"""
     data: bool = False
     """instead: time MC labelling of 1M transitions and loading a synthetic 1M-transition D4RL HDF5 file"""
 
@@ -80,18 +86,28 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def continuous_step(args: Args, name: str, device: torch.device, flags: dict):
-    """cal_ql_continuous.py's train step (batch sampling, noise, update) on a resident synthetic dataset."""
+def workload_args(args: Workload, name: str, flags: dict) -> tuple[int, int, calql.Args]:
+    """A continuous workload's observation size, action size and the scripts' Args for it."""
     obs_dim, action_dim, overrides = WORKLOADS.get(name, (args.obs_dim, args.action_dim, {}))
     if name == "custom":
         overrides = dict(policy_hidden=args.policy_hidden, q_hidden=args.q_hidden)
-    script_args = replace(calql.Args(), batch_size=args.batch_size, cql_n_actions=args.cql_n_actions, **overrides, **flags)
-    n = 100_000
+    return obs_dim, action_dim, replace(calql.Args(), batch_size=args.batch_size, cql_n_actions=args.cql_n_actions, **overrides, **flags)
+
+
+def synthetic_buffer(obs_dim: int, action_dim: int, device: torch.device, n: int = 100_000) -> calql.ReplayBuffer:
+    """The scripts' replay buffer, resident on the device, filled with random AntMaze-like transitions."""
     buffer = calql.ReplayBuffer(n, obs_dim, action_dim, device)
     rng = np.random.default_rng(0)
     buffer.add({"obs": rng.normal(size=(n, obs_dim)), "actions": rng.uniform(-1, 1, (n, action_dim)),
                 "rewards": rng.choice([-5.0, 5.0], n), "next_obs": rng.normal(size=(n, obs_dim)),
                 "terminals": rng.random(n) < 0.01, "mc_returns": rng.uniform(-500, 5, n)})
+    return buffer
+
+
+def continuous_step(args: Workload, name: str, device: torch.device, flags: dict):
+    """cal_ql_continuous.py's train step (batch sampling, noise, update) on a resident synthetic dataset."""
+    obs_dim, action_dim, script_args = workload_args(args, name, flags)
+    buffer = synthetic_buffer(obs_dim, action_dim, device)
     agent = calql.Agent(obs_dim, action_dim, script_args).to(device)
     return calql.make_train_step(agent, agent.make_optimizer(script_args), script_args, buffer)
 
@@ -110,7 +126,7 @@ def atari_step(args: Args, device: torch.device, flags: dict):
     return lambda: train_step(cal_ql_atari.to_torch(store.sample(script_args.batch_size, rng), device))
 
 
-def time_updates(step, args: Args, device: torch.device) -> tuple[float, float]:
+def time_updates(step, args: Workload, device: torch.device) -> tuple[float, float]:
     start = time.perf_counter()
     for _ in range(args.warmup):
         metrics = step()

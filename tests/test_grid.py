@@ -146,6 +146,8 @@ def test_slurm_grid_finishes_and_an_interrupted_job_resumes_to_the_same_results(
     flags = ["--root", str(root), "--executor", "slurm", "--runs-per-job", "2", "--cpus-per-job", "1", "--time-min", "10"]
     proc = run_in(tmp_path, GRID, *flags, *tiny_grid(pointmaze_data_dir), env=slurm)
     assert "submitted 4 runs as 2 jobs" in proc.stdout
+    again = run_in(tmp_path, GRID, *flags, *tiny_grid(pointmaze_data_dir), env=slurm)  # never the same run twice at once
+    assert again.stdout.count("is still queued or running") == 4 and "submitted" not in again.stdout
     jobs = json.loads((root / "slurm" / "jobs.json").read_text())
     first = root / "runs" / NAMES[0]
 

@@ -10,6 +10,7 @@ import torch
 
 import cal_ql_continuous as calql
 from conftest import TINY, reference_mc_returns, scalars
+from utils.evaluation import deterministic
 
 GAMMA = 0.99
 
@@ -142,7 +143,7 @@ def test_evaluation_acts_with_tanh_of_the_mean():
     actor = calql.Actor(3, 2, [8])
     obs = np.array([0.5, -1.0, 2.0], np.float32)
     mean, _ = actor(torch.as_tensor(obs)[None])
-    action = calql.deterministic_policy(actor, torch.device("cpu"))(obs)
+    action = deterministic(actor.act, torch.device("cpu"))(obs)
     np.testing.assert_allclose(action, torch.tanh(mean)[0].detach().numpy(), rtol=1e-6)
     sampled = actor.sample(torch.as_tensor(obs)[None], torch.randn(1, 2))[0][0].detach().numpy()
     assert not np.allclose(action, sampled)  # the stochastic policy differs: evaluation does not sample

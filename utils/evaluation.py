@@ -4,6 +4,7 @@ from collections.abc import Callable
 
 import gymnasium as gym
 import numpy as np
+import torch
 
 
 def normalized_score(episode_return: float, ref_min: float | None, ref_max: float | None) -> float:
@@ -11,6 +12,16 @@ def normalized_score(episode_return: float, ref_min: float | None, ref_max: floa
     if ref_min is None or ref_max is None:
         return float("nan")
     return (episode_return - ref_min) / (ref_max - ref_min)
+
+
+def deterministic(act: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
+    """A continuous policy: `act` (the actor's tanh(mean), no sampling) on one observation."""
+
+    def policy(obs):
+        with torch.no_grad():
+            return act(torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0))[0].cpu().numpy()
+
+    return policy
 
 
 def epsilon_greedy(greedy: Callable[[np.ndarray], int], n_actions: int, epsilon: float, rng: np.random.Generator) -> Callable[[np.ndarray], int]:
