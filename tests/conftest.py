@@ -234,9 +234,14 @@ def pointmaze_data_dir(tmp_path_factory):
 TINY = ["--policy-hidden", "16", "16", "--q-hidden", "16", "16", "--batch-size", "32", "--cql-n-actions", "3", "--log-every", "5"]
 
 
+def script_env(**extra) -> dict:
+    """The environment of a script run by a test: the repo importable, one thread (tiny networks: threads only add overhead)."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+
+
 def run_in(cwd, script, *flags, check=True, env=None) -> subprocess.CompletedProcess:
     """Run a script of the repo (a path from the repo root) in the working directory cwd; returns the finished process."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}  # tiny networks: threads only add overhead
+    env = script_env(**(env or {}))
     proc = subprocess.run([sys.executable, str(REPO / script), *flags], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

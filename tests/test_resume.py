@@ -1,7 +1,6 @@
 """Resumable runs: a run stopped by a signal (what SLURM sends before preemption or the time limit) and started again
 ends exactly as the same run done in one go: same parameters, same logged values, no duplicate TensorBoard points."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, TINY, scalars
+from conftest import REPO, TINY, scalars, script_env
 
 CONTINUOUS = [*TINY, "--offline-steps", "150", "--offline-eval-every", "50", "--online-env-steps", "900", "--online-eval-every", "300",
               "--eval-episodes", "1", "--checkpoint-every", "100"]
@@ -19,8 +18,7 @@ ATARI = ["--dataset-size", "300", "--offline-steps", "150", "--offline-eval-ever
 
 
 def start(script, cwd, *flags):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(REPO / script), *flags], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, str(REPO / script), *flags], cwd=cwd, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def stop_when(proc, path, sig=signal.SIGUSR1):
