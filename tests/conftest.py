@@ -281,3 +281,10 @@ def scalars(run_dir, with_values=False) -> dict:
     events = EventAccumulator(str(run_dir))
     events.Reload()
     return {tag: [(e.step, e.value) if with_values else e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def run_outcome(run_dir) -> tuple[dict, dict]:
+    """What a finished run produced: every logged (step, value) but the wall-clock ones, and its final parameters."""
+    logged = {tag: points for tag, points in scalars(run_dir, with_values=True).items() if tag != "charts/SPS"}
+    final = torch.load(run_dir / "final.pt", weights_only=False)
+    return logged, final.get("agent", final.get("qf"))

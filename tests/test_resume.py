@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, TINY, scalars, script_env
+from conftest import REPO, TINY, run_outcome, script_env
 
 CONTINUOUS = [*TINY, "--offline-steps", "150", "--offline-eval-every", "50", "--online-env-steps", "900", "--online-eval-every", "300",
               "--eval-episodes", "1", "--checkpoint-every", "100"]
@@ -33,13 +33,6 @@ def stop_when(proc, path, sig=signal.SIGUSR1):
     return out
 
 
-def comparable(run_dir):
-    """Every logged scalar but the wall-clock ones, and the final parameters."""
-    logged = {tag: points for tag, points in scalars(run_dir, with_values=True).items() if tag != "charts/SPS"}
-    final = torch.load(run_dir / "final.pt")
-    return logged, final.get("agent", final.get("qf"))
-
-
 @pytest.mark.parametrize("script", ["cal_ql_continuous.py", "cal_ql_atari.py"])
 def test_run_stopped_in_both_phases_and_resumed_equals_the_run_done_in_one_go(script, run_script, pointmaze_data_dir, tmp_path):
     flags = ATARI if script == "cal_ql_atari.py" else ["--dataset-dir", pointmaze_data_dir, *CONTINUOUS]
@@ -53,7 +46,7 @@ def test_run_stopped_in_both_phases_and_resumed_equals_the_run_done_in_one_go(sc
     out = run_script(script, *flags, "--run-name", "stopped").stdout
     assert "(online," in out.split("resuming stopped from gradient step")[1].splitlines()[0]
 
-    (whole, whole_params), (resumed, resumed_params) = comparable(tmp_path / "runs" / "whole"), comparable(run_dir)
+    (whole, whole_params), (resumed, resumed_params) = run_outcome(tmp_path / "runs" / "whole"), run_outcome(run_dir)
     assert resumed == whole
     assert resumed_params.keys() == whole_params.keys()
     for key in whole_params:
