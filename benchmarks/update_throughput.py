@@ -73,6 +73,9 @@ class Args(Workload):
     """GPU: TF32 matmuls, as the scripts' default --tf32"""
     data: bool = False
     """instead: time MC labelling of 1M transitions and loading a synthetic 1M-transition D4RL HDF5 file"""
+    matmul: bool = False
+    """instead: the rate of one hidden layer of the critics' big pass (both critics, 1 + 3N actions per state) in fp32,
+    and with oneDNN's bf16 matmuls (a lower precision the scripts never use; it shows what AMX CPUs could give)"""
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -158,10 +161,31 @@ def benchmark_data():
         print(f"load_d4rl_hdf5, 1M transitions (obs 29, action 8, gzip): {time.perf_counter() - start:.3f} s")
 
 
+def benchmark_matmul(args: Workload):
+    """GFLOP/s of `baddbmm` on [2, B * (1 + 3N), width] x [2, width, width] for each distinct hidden width."""
+    rows = args.batch_size * (1 + 3 * args.cql_n_actions)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}")
+    for width in sorted(set(args.q_hidden)):
+        x, w, b = torch.randn(2, rows, width), torch.randn(2, width, width), torch.zeros(2, 1, width)
+        for precision in ("ieee", "bf16"):
+            torch.backends.mkldnn.matmul.fp32_precision = precision
+            for _ in range(3):
+                torch.baddbmm(b, x, w)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                torch.baddbmm(b, x, w)
+            rate = 2 * x.numel() * width * args.steps / (time.perf_counter() - start) / 1e9
+            print(f"baddbmm [2, {rows}, {width}] x [2, {width}, {width}]  {precision:4s}  {rate:7.1f} GFLOP/s")
+    torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.data:
         benchmark_data()
+        sys.exit()
+    if args.matmul:
+        benchmark_matmul(args)
         sys.exit()
     device = torch.device(args.device)
     torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32" if args.tf32 else "ieee"

@@ -50,3 +50,11 @@ def test_side_by_side_alternates_rounds_and_prints_medians_with_the_machine_stat
 def test_side_by_side_refuses_atari_in_one_line(run_script):
     proc = run_script("benchmarks/side_by_side.py", "--workloads", "atari", check=False)
     assert proc.returncode != 0 and proc.stderr.strip() == "error: d3rlpy's CalQL is for continuous actions; choose --workloads among W-antmaze, adroit, custom"
+
+
+def test_matmul_rate_prints_fp32_and_bf16_per_hidden_width(run_script):
+    out = run_script("benchmarks/update_throughput.py", "--matmul", "--q-hidden", "16", "8", "16", "--batch-size", "4", "--cql-n-actions", "2", "--steps", "2").stdout
+    lines = out.strip().splitlines()[1:]
+    assert [line.split()[:9] for line in lines] == [
+        ["baddbmm", "[2,", "28,", f"{w}]", "x", "[2,", f"{w},", f"{w}]", p] for w in (8, 16) for p in ("ieee", "bf16")]
+    assert all(float(re.search(r"([\d.]+) GFLOP/s$", line).group(1)) > 0 for line in lines)
