@@ -106,11 +106,12 @@ def check(args: Args, flags: list[str]):
 
 
 def plan(args: Args, flags: list[str]) -> list[Run]:
-    """Every (script, task, seed) once, with its deterministic run name."""
+    """Every (script, task, seed) once, with its deterministic run name; seed by seed, so that a grid stopped
+    early holds every script and task for its first seeds."""
     runs = {}
-    for script in args.scripts:
+    for seed in args.seeds:
         for env_id in args.env_ids:
-            for seed in args.seeds:
+            for script in args.scripts:
                 name = f"{env_id.replace('/', '_')}__{Path(script).stem}__{seed}"
                 runs[name] = Run(name, script, env_id, seed, flags)
     return list(runs.values())
