@@ -17,7 +17,7 @@ GRID = "benchmarks/grid.py"
 # checkpoints every 10 gradient steps; an online phase of one episode (300 steps) keeps a run going long enough to be
 # interrupted after its first checkpoint
 FEW = ["--offline-steps", "40", "--offline-eval-every", "20", "--online-env-steps", "300", "--online-eval-every", "150", "--eval-episodes", "1", "--checkpoint-every", "10"]
-NAMES = [f"pointmaze-umaze__{script}__{seed}" for script in ("cal_ql_continuous", "cql_continuous") for seed in (1, 2)]
+NAMES = [f"pointmaze-umaze__{script}__{seed}" for seed in (1, 2) for script in ("cal_ql_continuous", "cql_continuous")]  # the grid's order
 
 
 def tiny_grid(data_dir) -> list[str]:
@@ -45,7 +45,7 @@ def test_local_grid_runs_every_run_and_writes_its_manifest(local_grid):
     assert sorted(line.split(": ")[1] for line in output.splitlines()) == ["finished"] * 4
     manifest = json.loads((root / "grid.json").read_text())["runs"]
     assert [run["name"] for run in manifest] == NAMES
-    assert manifest[2] == {"name": NAMES[2], "script": "cql_continuous.py", "env_id": "pointmaze-umaze", "seed": 1, "flags": manifest[0]["flags"]}
+    assert manifest[1] == {"name": NAMES[1], "script": "cql_continuous.py", "env_id": "pointmaze-umaze", "seed": 1, "flags": manifest[0]["flags"]}
     assert manifest[0]["flags"][-2:] == ["--checkpoint-every", "10"]
 
 
