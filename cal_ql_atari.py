@@ -39,94 +39,56 @@ FRAME_STACK = 4
 
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, cuda will be enabled by default"""
-    track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
-    wandb_project_name: str = "cal-ql"
-    """the wandb's project name"""
-    wandb_entity: str | None = None
-    """the entity (team) of wandb's project"""
-    capture_video: bool = False
-    """record the first episode of every evaluation to `videos/{run_name}` (needs moviepy; MuJoCo tasks also a GL backend)"""
-    save_model: bool = True
-    """save the agent to `runs/{run_name}/pretrained.pt` after pre-training and `final.pt` at the end"""
-    run_name: str | None = None
-    """the run's folder in runs/ (default `{env_id}__{exp_name}__{seed}__{time}`); a folder holding a checkpoint is resumed"""
-    checkpoint_every: int = 5_000
-    """save the whole run state to `runs/{run_name}/checkpoint.pt` every this many gradient steps (0: only on SIGTERM/SIGUSR1/SIGUSR2)"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
+    seed: int = 1  # seed of the experiment
+    torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
+    cuda: bool = True  # if toggled, cuda will be enabled by default
+    track: bool = False  # if toggled, this experiment will be tracked with Weights and Biases
+    wandb_project_name: str = "cal-ql"  # the wandb's project name
+    wandb_entity: str | None = None  # the entity (team) of wandb's project
+    capture_video: bool = False  # record the first episode of every evaluation to `videos/{run_name}` (needs moviepy; MuJoCo tasks also a GL backend)
+    save_model: bool = True  # save the agent to `runs/{run_name}/pretrained.pt` after pre-training and `final.pt` at the end
+    run_name: str | None = None  # the run's folder in runs/ (default `{env_id}__{exp_name}__{seed}__{time}`); a folder holding a checkpoint is resumed
+    checkpoint_every: int = 5_000  # save the whole run state to `runs/{run_name}/checkpoint.pt` every this many gradient steps (0: only on SIGTERM/SIGUSR1/2)
 
     # data
-    env_id: str = "ALE/Freeway-v5"
-    """the ALE game; played with sticky actions (p=0.25), frame skip 4, 84x84 grey frames, as the DQN Replay Dataset"""
-    replay_dir: str | None = None
-    """a DQN Replay `replay_logs` folder; if None, the built-in Freeway dataset (datasets/atari/<game>/replay_logs)"""
-    checkpoints: tuple[int, ...] = (0,)
-    """which checkpoint files N (`..._ckpt.N.gz`) of the replay folder to load"""
-    transitions_per_checkpoint: int | None = None
-    """load only the first this-many transitions of each checkpoint (None: all)"""
-    dataset_size: int = 50_000
-    """transitions of the built-in dataset (used only when it is collected)"""
-    dataset_epsilon: float = 0.5
-    """built-in dataset: probability of a uniformly random action instead of the heuristic's UP"""
+    env_id: str = "ALE/Freeway-v5"  # the ALE game; played with sticky actions (p=0.25), frame skip 4, 84x84 grey frames, as the DQN Replay Dataset
+    replay_dir: str | None = None  # a DQN Replay `replay_logs` folder; if None, the built-in Freeway dataset (datasets/atari/<game>/replay_logs)
+    checkpoints: tuple[int, ...] = (0,)  # which checkpoint files N (`..._ckpt.N.gz`) of the replay folder to load
+    transitions_per_checkpoint: int | None = None  # load only the first this-many transitions of each checkpoint (None: all)
+    dataset_size: int = 50_000  # transitions of the built-in dataset (used only when it is collected)
+    dataset_epsilon: float = 0.5  # built-in dataset: probability of a uniformly random action instead of the heuristic's UP
 
     # network
-    learning_rate: float = 5e-5
-    """Adam learning rate (eps 0.01/32, Dopamine's offline-Atari setting)"""
-    target_update_period: int = 2000
-    """gradient steps between copies of the Q-network into the target network"""
+    learning_rate: float = 5e-5  # Adam learning rate (eps 0.01/32, Dopamine's offline-Atari setting)
+    target_update_period: int = 2000  # gradient steps between copies of the Q-network into the target network
 
     # CQL / Cal-QL
-    cql_weight: float = 1.0
-    """weight of the CQL(H) regulariser (CQL alpha)"""
-    calibrate: bool = True
-    """Cal-QL: bound the Q-values inside the logsumexp from below by the MC return; --no-calibrate gives plain CQL"""
-    td_loss: Literal["huber", "mse"] = "huber"
-    """TD loss against the DQN target r + gamma * max_a' Q_target(s', a')"""
-    gamma: float = 0.99
-    """the discount factor gamma"""
-    batch_size: int = 32
-    """the batch size of each gradient step"""
+    cql_weight: float = 1.0  # weight of the conservative CQL(H) regularizer (CQL alpha)
+    calibrate: bool = True  # Cal-QL: bound the Q-values inside the logsumexp from below by the MC return; --no-calibrate gives plain CQL
+    td_loss: Literal["huber", "mse"] = "huber"  # TD loss against the DQN target r + gamma * max_a' Q_target(s', a')
+    gamma: float = 0.99  # the discount factor
+    batch_size: int = 32  # transitions per gradient step
 
     # offline
-    offline_steps: int = 10_000
-    """gradient steps of offline pre-training"""
-    offline_eval_every: int = 2_500
-    """gradient steps between evaluations during pre-training"""
+    offline_steps: int = 10_000  # gradient steps of offline pre-training
+    offline_eval_every: int = 2_500  # evaluate every this many offline gradient steps
 
     # online
-    online_env_steps: int = 4_096
-    """environment steps of online fine-tuning (Freeway episodes are 2048 steps)"""
-    utd_ratio: float = 1.0
-    """gradient steps per environment step, done after each episode once it is labelled"""
-    mixing_ratio: float = 0.5
-    """fraction of each online-phase batch drawn from the offline data (the rest from the online buffer)"""
-    online_epsilon: float = 0.01
-    """epsilon of the epsilon-greedy policy that collects online episodes"""
-    max_episode_steps: int | None = None
-    """cap on agent steps of online and evaluation episodes (None: ALE's 27,000)"""
+    online_env_steps: int = 4_096  # environment steps of online fine-tuning (Freeway episodes are 2048 steps)
+    utd_ratio: float = 1.0  # gradient steps per environment step, done in one go after each finished episode
+    mixing_ratio: float = 0.5  # fraction of every online-phase batch drawn from the offline data (the rest from the online buffer)
+    online_epsilon: float = 0.01  # epsilon of the epsilon-greedy policy that collects online episodes
+    max_episode_steps: int | None = None  # cap on agent steps of online and evaluation episodes (None: ALE's 27,000)
 
     # evaluation
-    online_eval_every: int = 2048
-    """evaluate when the environment-step count crosses a multiple of this (checked at episode ends)"""
-    eval_episodes: int = 3
-    """episodes per evaluation"""
-    eval_epsilon: float = 0.001
-    """epsilon of the evaluation policy"""
-    log_every: int = 100
-    """gradient steps between reads of the training metrics (TensorBoard, non-finite check)"""
-    compile: bool = False
-    """run the update through torch.compile (same function, fused kernels; the first steps compile)"""
-    cudagraphs: bool = False
-    """GPU only: capture the update (forward, backward, Adam) as one CUDA graph; each step copies its batch in and replays"""
-    tf32: bool = True
-    """GPU only: TF32 matmuls and convolutions (Ampere and newer)"""
+    online_eval_every: int = 2048  # evaluate when the environment-step count crosses a multiple of this (checked at episode ends)
+    eval_episodes: int = 3  # episodes per evaluation
+    eval_epsilon: float = 0.001  # epsilon of the evaluation policy
+    log_every: int = 100  # write the training metrics (one device-to-host copy, non-finite check) every this many gradient steps
+    compile: bool = False  # run the update through torch.compile (same function, fused kernels; the first steps compile for a minute)
+    cudagraphs: bool = False  # GPU only: capture the update (forward, backward, Adam) as one CUDA graph; each step copies its batch in and replays
+    tf32: bool = True  # GPU only: TF32 matmuls and convolutions (Ampere and newer)
 
 
 def calc_mc_returns(rewards, terminals, episode_ends, gamma, failure_reward=None) -> np.ndarray:
@@ -369,25 +331,16 @@ def restore_random_states(states: dict, env: gym.Env, rng: np.random.Generator):
     env.unwrapped.ale.restoreState(states["ale"])
 
 
-class StopSignal:
-    """SIGTERM, SIGUSR1 or SIGUSR2 (what SLURM sends before preemption or the time limit; submitit uses SIGUSR2)
-    only raise a flag: the loops finish the current gradient step (offline) or episode (online), save and exit."""
-
-    def __init__(self):
-        self.name = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(sig, self.receive)
-
-    def receive(self, signum, frame):
-        self.name = signal.Signals(signum).name
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
     if not 0 <= args.mixing_ratio <= 1:
         raise SystemExit(f"error: --mixing-ratio {args.mixing_ratio} is the offline share of a batch: give a value in [0, 1]")
     run_name = args.run_name or f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir, stop = f"runs/{run_name}", StopSignal()
+    run_dir, stopped_by = f"runs/{run_name}", []
+    # SIGTERM, SIGUSR1, SIGUSR2 (SLURM's notice before preemption or the time limit; submitit's is SIGUSR2) are only
+    # noted: the loops finish the current gradient step (offline) or episode (online), save and exit
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, lambda signum, frame: stopped_by.append(signal.Signals(signum).name))
     if os.path.exists(f"{run_dir}/finished.json"):
         print(f"run {run_name} is already finished ({run_dir}/finished.json)")
         raise SystemExit(0)
@@ -464,9 +417,9 @@ if __name__ == "__main__":
                      "progress": asdict(progress), "online_buffer": online_buffer.state_dict(), "random_states": random_states(env, rng)}, f"{run_dir}/checkpoint.pt")
 
     def exit_if_stopped():
-        if stop.name:
+        if stopped_by:
             save_progress()
-            print(f"stopped by {stop.name} at gradient step {progress.global_step}: state saved to {run_dir}/checkpoint.pt; run the same command again to resume", file=sys.stderr)
+            print(f"stopped by {stopped_by[0]} at gradient step {progress.global_step}: state saved to {run_dir}/checkpoint.pt; run the same command again to resume", file=sys.stderr)
             raise SystemExit(75)  # EX_TEMPFAIL: try again
 
     def save_agent(name: str):
@@ -478,7 +431,7 @@ if __name__ == "__main__":
         with tqdm(initial=progress.global_step, total=args.offline_steps, desc="offline", unit="step", mininterval=2) as bar:
             if not resumed:
                 bar.set_postfix(eval=run_evaluation())
-            while progress.global_step < args.offline_steps and not stop.name:
+            while progress.global_step < args.offline_steps and not stopped_by:
                 gradient_step(offline_buffer.sample(args.batch_size, rng))
                 if progress.global_step % args.offline_eval_every == 0 or progress.global_step == args.offline_steps:
                     bar.set_postfix(eval=run_evaluation())
@@ -492,7 +445,7 @@ if __name__ == "__main__":
     # ---------------- online fine-tuning: collect, label, update, evaluate ----------------
     n_offline = int(args.batch_size * args.mixing_ratio)
     with tqdm(initial=progress.env_steps, total=args.online_env_steps, desc="online", unit="env step", mininterval=2) as bar:
-        while progress.env_steps < args.online_env_steps and not stop.name:
+        while progress.env_steps < args.online_env_steps and not stopped_by:
             episode = run_episode(env, qf.act, args.online_epsilon, rng)
             online_buffer.add(**label(episode, args.gamma))  # labelled with its own MC returns once it has ended
             steps_before, env_steps_before = progress.global_step, progress.env_steps

@@ -34,110 +34,64 @@ from utils.validation import DatasetError
 
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, cuda will be enabled by default"""
-    track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
-    wandb_project_name: str = "cal-ql"
-    """the wandb's project name"""
-    wandb_entity: str | None = None
-    """the entity (team) of wandb's project"""
-    capture_video: bool = False
-    """record the first episode of every evaluation to `videos/{run_name}` (needs moviepy; MuJoCo tasks also a GL backend)"""
-    save_model: bool = True
-    """save the agent to `runs/{run_name}/pretrained.pt` after pre-training and `final.pt` at the end"""
-    run_name: str | None = None
-    """the run's folder in runs/ (default `{env_id}__{exp_name}__{seed}__{time}`); a folder holding a checkpoint is resumed"""
-    checkpoint_every: int = 50_000
-    """save the whole run state to `runs/{run_name}/checkpoint.pt` every this many gradient steps (0: only on SIGTERM/SIGUSR1/SIGUSR2)"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
+    seed: int = 1  # seed of the experiment
+    cuda: bool = True  # if toggled, cuda will be enabled by default
+    track: bool = False  # if toggled, this experiment will be tracked with Weights and Biases
+    wandb_project_name: str = "cal-ql"  # the wandb's project name
+    wandb_entity: str | None = None  # the entity (team) of wandb's project
+    capture_video: bool = False  # record the first episode of every evaluation to `videos/{run_name}` (needs moviepy; MuJoCo tasks also a GL backend)
+    save_model: bool = True  # save the agent to `runs/{run_name}/pretrained.pt` after pre-training and `final.pt` at the end
+    run_name: str | None = None  # the run's folder in runs/ (default `{env_id}__{exp_name}__{seed}__{time}`); a folder holding a checkpoint is resumed
+    checkpoint_every: int = 50_000  # save the whole run state to `runs/{run_name}/checkpoint.pt` every this many gradient steps (0: only on SIGTERM/SIGUSR1/2)
 
     # data
-    env_id: str = "pointmaze-umaze"
-    """the task; `--env-id ID --help` shows its preset. Any gymnasium id works with --dataset-path or --dataset-id"""
-    dataset_path: str | None = None
-    """a D4RL-format HDF5 file to use as the offline data"""
-    dataset_id: str | None = None
-    """a Minari dataset id to use as the offline data"""
-    dataset_dir: str = "datasets"
-    """where the embedded task's data is cached and the AWAC Adroit files are looked for (in offpolicy_hand_data/)"""
-    reward_scale: float = 1.0
-    """rewards become reward * scale + bias, offline and online, before Monte-Carlo labelling"""
-    reward_bias: float = 0.0
-    """see --reward-scale"""
-    failure_reward: float | None = None
-    """sparse tasks: the raw reward of a step away from the goal; a trajectory of only such steps gets MC return (scaled failure) / (1 - gamma). None: no such rule"""
-    mc_bootstrap_tail: bool = False
-    """a trajectory cut by the time limit keeps its last reward forever: its last MC return is r_T / (1 - gamma) (official Kitchen labelling)"""
+    env_id: str = "pointmaze-umaze"  # the task; `--env-id ID --help` shows its preset. Any gymnasium id works with --dataset-path or --dataset-id
+    dataset_path: str | None = None  # a D4RL-format HDF5 file to use as the offline data
+    dataset_id: str | None = None  # a Minari dataset id to use as the offline data
+    dataset_dir: str = "datasets"  # where the embedded task's data is cached and the AWAC Adroit files are looked for (in offpolicy_hand_data/)
+    reward_scale: float = 1.0  # rewards become reward * scale + bias, offline and online, before Monte-Carlo labelling
+    reward_bias: float = 0.0  # see --reward-scale
+    failure_reward: float | None = None  # sparse tasks: raw reward of a step off the goal; a trajectory of only such steps gets MC return (scaled failure) / (1 - gamma)
+    mc_bootstrap_tail: bool = False  # a trajectory cut by the time limit keeps its last reward forever: last MC return r_T / (1 - gamma) (official, Kitchen)
 
     # networks
-    policy_hidden: list[int] = field(default_factory=lambda: [256, 256])
-    """hidden layer widths of the actor"""
-    q_hidden: list[int] = field(default_factory=lambda: [256, 256])
-    """hidden layer widths of each critic"""
+    policy_hidden: list[int] = field(default_factory=lambda: [256, 256])  # hidden layer widths of the actor
+    q_hidden: list[int] = field(default_factory=lambda: [256, 256])  # hidden layer widths of each critic
 
     # CQL / Cal-QL
-    gamma: float = 0.99
-    """the discount factor"""
-    tau: float = 5e-3
-    """target network update rate (Polyak averaging every gradient step)"""
-    policy_lr: float = 1e-4
-    """learning rate of the actor and of the SAC temperature"""
-    q_lr: float = 3e-4
-    """learning rate of the critics and of the CQL Lagrange multiplier"""
-    batch_size: int = 256
-    """transitions per gradient step"""
-    cql_n_actions: int = 10
-    """actions sampled per state for each of the random, pi(s) and pi(s') sets, and for the max-target backup"""
-    cql_weight: float = 5.0
-    """weight of the conservative regularizer (CQL alpha)"""
-    cql_importance_sample: bool = True
-    """subtract the sampling log-densities inside the logsumexp (and leave the data action out of it)"""
-    cql_temp: float = 1.0
-    """temperature of the logsumexp"""
-    cql_lagrange: bool = False
-    """tune a multiplier alpha' (init e) that scales --cql-weight so the regularizer gap reaches --cql-target-action-gap"""
-    cql_target_action_gap: float = 1.0
-    """the gap targeted with --cql-lagrange"""
+    gamma: float = 0.99  # the discount factor
+    tau: float = 5e-3  # target network update rate (Polyak averaging every gradient step)
+    policy_lr: float = 1e-4  # learning rate of the actor and of the SAC temperature
+    q_lr: float = 3e-4  # learning rate of the critics and of the CQL Lagrange multiplier
+    batch_size: int = 256  # transitions per gradient step
+    cql_n_actions: int = 10  # actions sampled per state for each of the random, pi(s) and pi(s') sets, and for the max-target backup
+    cql_weight: float = 5.0  # weight of the conservative regularizer (CQL alpha)
+    cql_importance_sample: bool = True  # subtract the sampling log-densities inside the logsumexp (and leave the data action out of it)
+    cql_temp: float = 1.0  # temperature of the logsumexp
+    cql_lagrange: bool = False  # tune a multiplier alpha' (init e) that scales --cql-weight so the regularizer gap reaches --cql-target-action-gap
+    cql_target_action_gap: float = 1.0  # the gap targeted with --cql-lagrange
 
     # offline
-    offline_steps: int = 1_000_000
-    """gradient steps of offline pre-training"""
-    offline_eval_every: int = 50_000
-    """evaluate every this many offline gradient steps"""
-    pretrained_checkpoint: str | None = None
-    """skip pre-training and fine-tune the agent saved in this file"""
+    offline_steps: int = 1_000_000  # gradient steps of offline pre-training
+    offline_eval_every: int = 50_000  # evaluate every this many offline gradient steps
+    pretrained_checkpoint: str | None = None  # skip pre-training and fine-tune the agent saved in this file
 
     # online
-    online_env_steps: int = 1_000_000
-    """environment steps of online fine-tuning"""
-    mixing_ratio: float = 0.5
-    """fraction of every online-phase batch drawn from the offline data (the rest from the online buffer)"""
-    utd_ratio: int = 1
-    """gradient steps per environment step, done in one go after each finished episode"""
-    buffer_size: int = 1_000_000
-    """capacity of the online replay buffer"""
-    online_eval_every: int = 2_000
-    """evaluate when the environment-step count crosses a multiple of this"""
+    online_env_steps: int = 1_000_000  # environment steps of online fine-tuning
+    mixing_ratio: float = 0.5  # fraction of every online-phase batch drawn from the offline data (the rest from the online buffer)
+    utd_ratio: float = 1.0  # gradient steps per environment step, done in one go after each finished episode
+    buffer_size: int = 1_000_000  # capacity of the online replay buffer
+    online_eval_every: int = 2_000  # evaluate when the environment-step count crosses a multiple of this (checked at episode ends)
 
     # evaluation and logging
-    eval_episodes: int = 20
-    """episodes per evaluation, deterministic policy tanh(mean)"""
-    log_every: int = 100
-    """write losses (one device-to-host copy) every this many gradient steps"""
+    eval_episodes: int = 20  # episodes per evaluation, deterministic policy tanh(mean)
+    log_every: int = 100  # write the training metrics (one device-to-host copy, non-finite check) every this many gradient steps
 
     # speed
-    compile: bool = False
-    """run the update through torch.compile (same function, fused kernels; the first steps compile for a minute)"""
-    cudagraphs: bool = False
-    """GPU only: capture the whole gradient step (batch sampling, noise, update, Adam, Polyak) as one CUDA graph and replay it"""
-    tf32: bool = True
-    """GPU only: TF32 matmuls (Ampere and newer), the precision JAX and so the official code use there by default"""
+    compile: bool = False  # run the update through torch.compile (same function, fused kernels; the first steps compile for a minute)
+    cudagraphs: bool = False  # GPU only: capture the whole gradient step (batch sampling, noise, update, Adam, Polyak) as one CUDA graph and replay it
+    tf32: bool = True  # GPU only: TF32 matmuls (Ampere and newer), the precision JAX and so the official code use there by default
 
 
 PRESETS = {  # per task family, then per task id on top of it: the settings of its runs; any flag overrides them
@@ -489,15 +443,11 @@ class Progress:
     eval_regrets: list[float] = field(default_factory=list)  # 1 - normalized score of each online evaluation
     train_regrets: list[float] = field(default_factory=list)  # 1 - success of each online training episode
 
-    def add_online_evaluation(self, normalized_score: float) -> float:
-        """The paper's cumulative regret: mean over the online evaluations so far of 1 - normalized score."""
-        self.eval_regrets.append(1 - normalized_score)
-        return float(np.mean(self.eval_regrets))
 
-    def add_online_episode(self, success: float) -> float:
-        """The same over the online training episodes (success 0 or 1), logged as charts/train_regret."""
-        self.train_regrets.append(1 - success)
-        return float(np.mean(self.train_regrets))
+def running_regret(regrets: list[float], score: float) -> float:
+    """The paper's cumulative regret: append 1 - score (normalized score, or an episode's success), return the mean."""
+    regrets.append(1 - score)
+    return float(np.mean(regrets))
 
 
 def crossed(before: int, after: int, every: int) -> bool:
@@ -512,14 +462,6 @@ def log_metrics(writer: SummaryWriter, metrics: dict, global_step: int, steps_pe
             raise SystemExit(f"error: {tag} became {value} by gradient step {global_step}; lower the learning rates or check the data's rewards")
         writer.add_scalar(tag, value, global_step)
     writer.add_scalar("charts/SPS", int(steps_per_second), global_step)
-
-
-def log_episode(writer: SummaryWriter, stats: dict, progress: Progress):
-    """An online training episode, logged once its updates are done (so a checkpoint covers everything logged)."""
-    for name, value in stats.items():
-        writer.add_scalar(f"charts/episodic_{name}", value, progress.global_step)
-    writer.add_scalar("charts/train_regret", progress.add_online_episode(stats["success"]), progress.global_step)
-    writer.add_scalar("charts/env_steps", progress.env_steps, progress.global_step)
 
 
 def atomic_save(state: dict, path: str):
@@ -558,23 +500,14 @@ def load_agent(path: str, agent: Agent, optimizer: torch.optim.Optimizer) -> dic
     return checkpoint
 
 
-class StopSignal:
-    """SIGTERM, SIGUSR1 or SIGUSR2 (what SLURM sends before preemption or the time limit; submitit uses SIGUSR2)
-    only raise a flag: the loops finish the current gradient step (offline) or episode (online), save and exit."""
-
-    def __init__(self):
-        self.name = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(sig, self.receive)
-
-    def receive(self, signum, frame):
-        self.name = signal.Signals(signum).name
-
-
 if __name__ == "__main__":
     args = parse_args()
     run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir, stop = f"runs/{run_name}", StopSignal()
+    run_dir, stopped_by = f"runs/{run_name}", []
+    # SIGTERM, SIGUSR1, SIGUSR2 (SLURM's notice before preemption or the time limit; submitit's is SIGUSR2) are only
+    # noted: the loops finish the current gradient step (offline) or episode (online), save and exit
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, lambda signum, frame: stopped_by.append(signal.Signals(signum).name))
     if os.path.exists(f"{run_dir}/finished.json"):
         print(f"run {run_name} is already finished ({run_dir}/finished.json)")
         raise SystemExit(0)
@@ -584,7 +517,6 @@ if __name__ == "__main__":
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         raise SystemExit("error: --cudagraphs replays CUDA graphs and needs a CUDA GPU (with --cuda on); drop the flag on CPU")
@@ -627,7 +559,7 @@ if __name__ == "__main__":
         result = evaluate(eval_env, deterministic(agent.actor.act, device), args.eval_episodes, args.seed + 1_000_000, task.ref_min_score, task.ref_max_score)
         result["env_steps"] = progress.env_steps
         if progress.phase == "online":
-            result["regret"] = progress.add_online_evaluation(result["normalized_score"])
+            result["regret"] = running_regret(progress.eval_regrets, result["normalized_score"])
         for k, v in result.items():
             writer.add_scalar(f"eval/{k}", v, progress.global_step)
         return result
@@ -639,9 +571,9 @@ if __name__ == "__main__":
                      "online_buffer": online_buffer.state_dict(), "random_states": random_states(env)}, f"{run_dir}/checkpoint.pt")
 
     def exit_if_stopped():
-        if stop.name:
+        if stopped_by:
             save_progress()
-            print(f"stopped by {stop.name} at gradient step {progress.global_step}: state saved to {run_dir}/checkpoint.pt; run the same command again to resume", file=sys.stderr)
+            print(f"stopped by {stopped_by[0]} at gradient step {progress.global_step}: state saved to {run_dir}/checkpoint.pt; run the same command again to resume", file=sys.stderr)
             raise SystemExit(75)  # EX_TEMPFAIL: try again
 
     def save_agent(name: str):
@@ -660,7 +592,7 @@ if __name__ == "__main__":
             with tqdm(initial=progress.global_step, total=args.offline_steps, desc="offline", unit="step", mininterval=2) as bar:
                 if not resumed:
                     bar.set_postfix(success=run_evaluation()["success_rate"])
-                while progress.global_step < args.offline_steps and not stop.name:
+                while progress.global_step < args.offline_steps and not stopped_by:
                     metrics, progress.global_step = train_step(), progress.global_step + 1
                     if progress.global_step % args.log_every == 0:
                         log_metrics(writer, metrics, progress.global_step, (progress.global_step - start_step) / (time.time() - start_time))
@@ -677,16 +609,19 @@ if __name__ == "__main__":
     # ---------------- online fine-tuning: collect, label, update, evaluate ----------------
     train_step = make_train_step(agent, optimizer, args, offline_buffer, online_buffer)
     with tqdm(initial=progress.env_steps, total=args.online_env_steps, desc="online", unit="env step", mininterval=2) as bar:
-        while progress.env_steps < args.online_env_steps and not stop.name:
+        while progress.env_steps < args.online_env_steps and not stopped_by:
             episode, stats = collect_episode(env, agent.actor, device)
             online_buffer.add(label_transitions(episode, args))  # labelled with its own MC returns once it has ended
             steps_before, env_steps_before = progress.global_step, progress.env_steps
             progress.env_steps += stats["length"]
-            for _ in range(stats["length"] * args.utd_ratio):
+            for _ in range(int(stats["length"] * args.utd_ratio)):
                 metrics, progress.global_step = train_step(), progress.global_step + 1
                 if progress.global_step % args.log_every == 0:
                     log_metrics(writer, metrics, progress.global_step, (progress.global_step - start_step) / (time.time() - start_time))
-            log_episode(writer, stats, progress)
+            for name, value in stats.items():  # logged after the episode's updates, so a checkpoint covers them
+                writer.add_scalar(f"charts/episodic_{name}", value, progress.global_step)
+            writer.add_scalar("charts/train_regret", running_regret(progress.train_regrets, stats["success"]), progress.global_step)
+            writer.add_scalar("charts/env_steps", progress.env_steps, progress.global_step)
             if crossed(env_steps_before, progress.env_steps, args.online_eval_every) or progress.env_steps >= args.online_env_steps:
                 result = run_evaluation()
                 bar.set_postfix(success=result["success_rate"], regret=round(result["regret"], 3))

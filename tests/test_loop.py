@@ -77,8 +77,9 @@ def test_online_batches_take_the_presets_share_of_offline_rows(env_id, offline_r
 
 def test_regrets_are_running_means_of_one_minus_the_score():
     progress = calql.Progress(phase="online")
-    assert [progress.add_online_evaluation(s) for s in (0.2, 0.6, 1.0)] == pytest.approx([0.8, 0.6, 0.4])
-    assert [progress.add_online_episode(s) for s in (0.0, 1.0, 1.0, 1.0)] == pytest.approx([1.0, 0.5, 1 / 3, 0.25])
+    assert [calql.running_regret(progress.eval_regrets, s) for s in (0.2, 0.6, 1.0)] == pytest.approx([0.8, 0.6, 0.4])
+    assert [calql.running_regret(progress.train_regrets, s) for s in (0.0, 1.0, 1.0, 1.0)] == pytest.approx([1.0, 0.5, 1 / 3, 0.25])
+    assert progress.eval_regrets == pytest.approx([0.8, 0.4, 0.0])  # what a checkpoint keeps
 
 
 def test_online_loop_updates_len_times_utd_per_episode_and_evaluates_at_each_crossing(run_script, pointmaze_data_dir, tmp_path):

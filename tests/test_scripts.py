@@ -3,6 +3,7 @@ updates, evaluations, TensorBoard logs and checkpoints; plus the twin-sync check
 
 import ctypes.util
 import difflib
+import re
 
 import pytest
 import torch
@@ -72,10 +73,27 @@ def test_bad_input_stops_with_one_clear_line(flags, message, run_script, pointma
     assert message in proc.stderr.strip().splitlines()[-1]
 
 
-def test_help_documents_every_flag_with_the_task_preset(run_script):
-    out = run_script("cal_ql_continuous.py", "--help").stdout
-    assert "--mixing-ratio" in out and "fraction of every online-phase batch" in out
-    assert "--q-hidden" in out and "128 128" in out  # the embedded task's preset is the default shown
+def flag_comments(script: str) -> tuple[list[str], dict[str, str]]:
+    """The fields of a script's Args and the `# help` comment after each, read from its source."""
+    args_class = (REPO / script).read_text().split("\nclass Args:\n")[1].split("\n\n\n")[0]
+    fields = re.findall(r"^    (\w+): ", args_class, re.M)
+    return fields, dict(re.findall(r"^    (\w+): [^#\n]*  # (.+)$", args_class, re.M))
+
+
+@pytest.mark.parametrize("script", ["cal_ql_continuous.py", "cql_continuous.py", "cal_ql_atari.py"])
+def test_help_documents_every_flag(script, run_script):
+    fields, comments = flag_comments(script)
+    assert len(fields) > 30 and set(comments) == set(fields), set(fields) - set(comments)
+    out = run_script(script, "--help", env={"COLUMNS": "400"}).stdout
+    text = " ".join(" ".join(line.strip("│╭╮╰╯─ ").split()) for line in out.splitlines())
+    for name in fields:  # the flag, its metavar (or its --no- form), then the comment as its help text
+        places = re.finditer(rf"(^| ){re.escape('--' + name.replace('_', '-'))}[ ,]", text)  # its entry, or a mention
+        assert any(comments[name] in text[at.end() : at.end() + len(comments[name]) + 80] for at in places), name
+
+
+def test_help_shows_the_task_preset_as_defaults(run_script):
+    out = run_script("cal_ql_continuous.py", "--help", env={"COLUMNS": "400"}).stdout
+    assert "--q-hidden" in out and "(default: 128 128)" in out  # the embedded task's preset is the default shown
 
 
 def test_cql_twin_differs_from_cal_ql_only_in_the_calibration_line():
