@@ -554,6 +554,7 @@ if __name__ == "__main__":
     # a resumed run rewrites what followed its checkpoint: TensorBoard hides those older points (no duplicates)
     writer = SummaryWriter(run_dir, purge_step=progress.global_step + 1 if resumed else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    start_time, start_step = time.time(), progress.global_step
 
     def run_evaluation() -> dict:
         """Evaluate and log at the current gradient step; online evaluations also update the regret."""
@@ -580,8 +581,6 @@ if __name__ == "__main__":
     def save_agent(name: str):
         if args.save_model:
             atomic_save({"agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "global_step": progress.global_step, "args": asdict(args)}, f"{run_dir}/{name}")
-
-    start_time, start_step = time.time(), progress.global_step
 
     # ---------------- offline pre-training ----------------
     if progress.phase == "offline":
