@@ -526,13 +526,13 @@ if __name__ == "__main__":
     # environment and offline data, labelled with Monte-Carlo returns (before the run folder: bad data leaves none)
     try:
         task = get_task(args.env_id, args.dataset_path, args.dataset_id)
-        env, eval_env = make_env(args.env_id, args.seed), make_env(args.env_id, args.seed)
+        env, eval_env = make_env(args.env_id, args.seed), make_env(args.env_id, args.seed, "rgb_array" if args.capture_video else None)
         dataset = load_dataset(args.env_id, args.dataset_path, args.dataset_id, args.dataset_dir)
         check_dataset_fits_env(dataset, env, args.dataset_path or args.dataset_id or args.env_id)
     except DatasetError as e:
         raise SystemExit(f"error: {e}")
     if args.capture_video:
-        eval_env = gym.wrappers.RecordVideo(make_env(args.env_id, args.seed, render_mode="rgb_array"), f"videos/{run_name}", episode_trigger=lambda i: i % args.eval_episodes == 0)
+        eval_env = gym.wrappers.RecordVideo(eval_env, f"videos/{run_name}", lambda i: i % args.eval_episodes == 0)
     obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
     offline_buffer = ReplayBuffer(len(dataset["rewards"]), obs_dim, action_dim, device)
     offline_buffer.add(label_transitions(dataset, args))
