@@ -68,7 +68,6 @@ class Args:
     cql_n_actions: int = 10  # actions sampled per state for each of the random, pi(s) and pi(s') sets, and for the max-target backup
     cql_weight: float = 5.0  # weight of the conservative regularizer (CQL alpha)
     cql_importance_sample: bool = True  # subtract the sampling log-densities inside the logsumexp (and leave the data action out of it)
-    cql_temp: float = 1.0  # temperature of the logsumexp
     cql_lagrange: bool = False  # tune a multiplier alpha' (init e) that scales --cql-weight so the regularizer gap reaches --cql-target-action-gap
     cql_target_action_gap: float = 1.0  # the gap targeted with --cql-lagrange
 
@@ -94,34 +93,18 @@ class Args:
     tf32: bool = True  # GPU only: TF32 matmuls (Ampere and newer), the precision JAX and so the official code use there by default
 
 
-PRESETS = {  # per task family, then per task id on top of it: the settings of its runs; any flag overrides them
+PRESETS = {  # per task family, then per task id on top of it: what differs from the Args defaults; any flag overrides it
     # The embedded task is small enough for 2 CPU cores: narrower networks and short phases (see README).
-    "pointmaze": dict(
-        reward_scale=10.0, reward_bias=-5.0, failure_reward=0.0, policy_hidden=[128, 128], q_hidden=[128, 128],
-        cql_n_actions=10, offline_steps=5_000, offline_eval_every=2_500, online_env_steps=10_000,
-        online_eval_every=2_500, eval_episodes=50, checkpoint_every=5_000,
-    ),
-    # The paper's tasks, with the official settings (nakamotoo/Cal-QL scripts/run_antmaze.sh, run_adroit.sh, run_kitchen.sh)
-    "antmaze": dict(
-        reward_scale=10.0, reward_bias=-5.0, failure_reward=0.0, policy_hidden=[256, 256], q_hidden=[256, 256, 256, 256],
-        cql_weight=5.0, cql_lagrange=True, cql_target_action_gap=0.8, cql_importance_sample=True,
-        offline_steps=1_000_000, offline_eval_every=50_000, online_env_steps=1_000_000, online_eval_every=2_000,
-        eval_episodes=20, mixing_ratio=0.5,
-    ),
-    "adroit": dict(
-        reward_scale=10.0, reward_bias=5.0, failure_reward=-1.0, policy_hidden=[512, 512], q_hidden=[512, 512, 512],
-        cql_weight=1.0, cql_lagrange=False, cql_importance_sample=True,
-        offline_steps=20_000, offline_eval_every=2_000, online_env_steps=1_000_000, online_eval_every=2_000,
-        eval_episodes=20, mixing_ratio=0.5,
-    ),
+    "pointmaze": dict(reward_scale=10.0, reward_bias=-5.0, failure_reward=0.0, policy_hidden=[128, 128], q_hidden=[128, 128],
+                      offline_steps=5_000, offline_eval_every=2_500, online_env_steps=10_000, online_eval_every=2_500,
+                      eval_episodes=50, checkpoint_every=5_000),
+    # The paper's tasks: the official settings (nakamotoo/Cal-QL scripts/run_antmaze.sh, run_adroit.sh, run_kitchen.sh)
+    "antmaze": dict(reward_scale=10.0, reward_bias=-5.0, failure_reward=0.0, q_hidden=[256] * 4, cql_lagrange=True, cql_target_action_gap=0.8),
+    "adroit": dict(reward_scale=10.0, reward_bias=5.0, failure_reward=-1.0, policy_hidden=[512] * 2, q_hidden=[512] * 3, cql_weight=1.0,
+                   offline_steps=20_000, offline_eval_every=2_000),
     "pen-binary-v0": dict(online_env_steps=200_000),
-    "kitchen": dict(
-        reward_scale=1.0, reward_bias=0.0, failure_reward=None, mc_bootstrap_tail=True,
-        policy_hidden=[512, 512, 512], q_hidden=[512, 512, 512], cql_weight=5.0, cql_lagrange=False,
-        cql_importance_sample=False, offline_steps=500_000, offline_eval_every=50_000, online_env_steps=1_500_000,
-        online_eval_every=5_000, eval_episodes=20, mixing_ratio=0.25,
-    ),
-    "custom": dict(),
+    "kitchen": dict(mc_bootstrap_tail=True, policy_hidden=[512] * 3, q_hidden=[512] * 3, cql_importance_sample=False,
+                    offline_steps=500_000, online_env_steps=1_500_000, online_eval_every=5_000, mixing_ratio=0.25),
 }
 
 
@@ -130,8 +113,8 @@ def parse_args() -> Args:
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--env-id", default=Args.env_id)
     env_id = pre.parse_known_args()[0].env_id
-    family = TASKS[env_id].family if env_id in TASKS else "custom"
-    preset = {**PRESETS[family], **PRESETS.get(env_id, {})}
+    family = TASKS[env_id].family if env_id in TASKS else None  # a custom task runs with the Args defaults
+    preset = {**PRESETS.get(family, {}), **PRESETS.get(env_id, {})}
     args = tyro.cli(Args, default=replace(Args(), env_id=env_id, **preset))
     if not 0.0 <= args.mixing_ratio <= 1.0:
         raise SystemExit(f"error: --mixing-ratio {args.mixing_ratio} is the offline share of a batch: give a value in [0, 1]")
@@ -288,8 +271,7 @@ def cal_ql_losses(agent: Agent, batch: dict, noise: dict, args: Args) -> dict[st
         ood = [q_rand - random_log_density, q_next - next_log_pi, q_cur - cur_log_pi]
     else:
         ood = [q_rand, q_data.unsqueeze(-1), q_next, q_cur]
-    logsumexp = args.cql_temp * torch.logsumexp(torch.cat(ood, -1) / args.cql_temp, -1)
-    cql_diff = (logsumexp - q_data).mean(-1)
+    cql_diff = (torch.logsumexp(torch.cat(ood, -1), -1) - q_data).mean(-1)  # temperature 1, as every official run
     if args.cql_lagrange:  # alpha' rises while the gap exceeds its target; each side sees the other as a constant
         alpha_prime = agent.log_alpha_prime.exp().clamp(0.0, 1e6)
         cql_loss = alpha_prime.detach() * args.cql_weight * (cql_diff - args.cql_target_action_gap)
@@ -407,11 +389,8 @@ def label_transitions(data: dict[str, np.ndarray], args: Args) -> dict[str, np.n
     if args.mc_bootstrap_tail:  # a time-limited trajectory keeps its last reward forever: r_T / (1 - gamma)
         tail_rewards[data["episode_ends"] & ~data["terminals"].astype(bool)] /= 1 - args.gamma
     return {
-        "obs": data["observations"],
+        "obs": data["observations"], "next_obs": data["next_observations"], "terminals": data["terminals"], "rewards": rewards,
         "actions": np.clip(data["actions"], -0.99999, 0.99999),  # finite tanh log-probs of data actions
-        "rewards": rewards,
-        "next_obs": data["next_observations"],
-        "terminals": data["terminals"],
         "mc_returns": calc_mc_returns(tail_rewards, data["terminals"], data["episode_ends"], args.gamma, failure),
     }
 

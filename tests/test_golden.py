@@ -53,6 +53,7 @@ def load_golden(folder: Path):
 
 def build_agent(script, config, params):
     """The script's Agent with the recorded shapes and the official initial parameters."""
+    assert config["cql_temp"] == 1.0, "the scripts fix the logsumexp temperature at 1 (every official run)"
     args = replace(
         script.Args(),
         policy_hidden=[int(h) for h in config["policy_arch"].split("-")],
@@ -61,7 +62,6 @@ def build_agent(script, config, params):
         cql_n_actions=config["cql_n_actions"],
         cql_weight=config["cql_min_q_weight"],
         cql_importance_sample=config["cql_importance_sample"],
-        cql_temp=config["cql_temp"],
         cql_lagrange=config["cql_lagrange"],
         cql_target_action_gap=config["cql_target_action_gap"],
     )
