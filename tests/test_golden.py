@@ -9,16 +9,14 @@ once per parameter group with fresh draws: policy (pass 1), qf1 (pass 2), qf2 (p
 the gradient norms comes from the last pass.
 """
 
-import json
-from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import cal_ql_continuous
 import cql_continuous
+from golden_common import LOSSES, as_batch, build_agent, load_recording
 
 SMALL = Path(__file__).resolve().parent / "golden"
 FULL_SIZE = Path(__file__).resolve().parents[2] / "shared" / "golden"
@@ -29,65 +27,15 @@ CASES = [
         for name in ("antmaze_calql", "antmaze_cql", "adroit_calql")
     ),
 ]
-LOSSES = {  # official metric -> (our loss, critic index or None)
-    "cql/qf1_bellman_loss": ("td_loss", 0),
-    "cql/qf2_bellman_loss": ("td_loss", 1),
-    "cql/cql_qf1_diff": ("cql_diff", 0),
-    "cql/cql_qf2_diff": ("cql_diff", 1),
-    "cql/cql_min_qf1_loss": ("cql_loss", 0),
-    "cql/cql_min_qf2_loss": ("cql_loss", 1),
-    "qf1_loss": ("qf_loss", 0),
-    "qf2_loss": ("qf_loss", 1),
-    "policy_loss": ("actor_loss", None),
-    "alpha_loss": ("alpha_loss", None),
-    "cql/alpha_prime_loss": ("alpha_prime_loss", None),
-}
 
 
 def load_golden(folder: Path):
     """A recorded configuration; a missing file fails the test (the small recordings ship with the project)."""
-    expected = json.loads((folder / "expected.json").read_text())
-    arrays = {f: dict(np.load(folder / f"{f}.npz")) for f in ("batch", "noise", "params")}
-    return expected, arrays
-
-
-def build_agent(script, config, params):
-    """The script's Agent with the recorded shapes and the official initial parameters."""
-    assert config["cql_temp"] == 1.0, "the scripts fix the logsumexp temperature at 1 (every official run)"
-    args = replace(
-        script.Args(),
-        policy_hidden=[int(h) for h in config["policy_arch"].split("-")],
-        q_hidden=[int(h) for h in config["qf_arch"].split("-")],
-        gamma=config["discount"],
-        cql_n_actions=config["cql_n_actions"],
-        cql_weight=config["cql_min_q_weight"],
-        cql_importance_sample=config["cql_importance_sample"],
-        cql_lagrange=config["cql_lagrange"],
-        cql_target_action_gap=config["cql_target_action_gap"],
-    )
-    agent = script.Agent(config["obs_dim"], config["act_dim"], args)
-    t = {k: torch.as_tensor(v) for k, v in params.items()}
-    with torch.no_grad():
-        for i, layer in enumerate(agent.actor.layers):
-            layer.weight.copy_(t[f"policy.layers.{i}.weight"])
-            layer.bias.copy_(t[f"policy.layers.{i}.bias"])
-        agent.actor.log_std_multiplier.copy_(t["policy.log_std_multiplier"])
-        agent.actor.log_std_offset.copy_(t["policy.log_std_offset"])
-        for critics in (agent.qf, agent.qf_target):  # the targets equal the critics at step 1
-            for i, (w, b) in enumerate(zip(critics.weights, critics.biases)):
-                for k in range(2):
-                    w[k].copy_(t[f"qf{k + 1}.layers.{i}.weight"].T)
-                    b[k, 0].copy_(t[f"qf{k + 1}.layers.{i}.bias"])
-        agent.log_alpha.copy_(t["log_alpha"])
-        if "log_alpha_prime" in t:
-            agent.log_alpha_prime.copy_(t["log_alpha_prime"])
-    return agent, args
+    return load_recording(folder, "batch", "noise", "params")
 
 
 def losses_of_pass(script, agent, args, arrays, prefix):
-    b = {k: torch.as_tensor(v) for k, v in arrays["batch"].items()}
-    batch = {"obs": b["observations"], "actions": b["actions"], "rewards": b["rewards"],
-             "next_obs": b["next_observations"], "terminals": b["dones"], "mc_returns": b["mc_returns"]}
+    batch = as_batch(arrays["batch"])
     noise = {k: torch.as_tensor(arrays["noise"][prefix + k]) for k in ("new_actions_eps", "backup_eps", "current_eps", "next_eps", "random_actions")}
     return script.cal_ql_losses(agent, batch, noise, args)
 
