@@ -11,13 +11,18 @@ rewards), a value estimate of the behaviour policy that Q must not fall below. D
 a small built-in dataset of a noisy heuristic on Freeway that the script collects and caches itself.
 """
 
+import hashlib
+import importlib.metadata
 import json
 import math
 import os
+import platform
 import random
 import signal
+import subprocess
 import sys
 import time
+import types
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -52,7 +57,7 @@ class Args:
     checkpoint_every: int = 5_000  # save the whole run state to `runs/{run_name}/checkpoint.pt` every this many gradient steps (0: only on SIGTERM/SIGUSR1/2)
 
     # data
-    env_id: str = "ALE/Freeway-v5"  # the ALE game; played with sticky actions (p=0.25), frame skip 4, 84x84 grey frames, as the DQN Replay Dataset
+    env_id: str = "ALE/Freeway-v5"  # the ALE game (module.path:EnvId-v0 imports module.path first); played with sticky actions (p=0.25), frame skip 4, 84x84 grey frames, as the DQN Replay Dataset
     replay_dir: str | None = None  # a DQN Replay `replay_logs` folder; if None, the built-in Freeway dataset (datasets/atari/<game>/replay_logs)
     checkpoints: tuple[int, ...] = (0,)  # which checkpoint files N (`..._ckpt.N.gz`) of the replay folder to load
     transitions_per_checkpoint: int | None = None  # load only the first this-many transitions of each checkpoint (None: all)
@@ -315,10 +320,73 @@ def atomic_save(state: dict, path: str):
     os.replace(f"{path}.tmp", path)
 
 
+def write_provenance(run_dir: str, args, device: torch.device) -> list[dict]:
+    """Append this start of the run to `run_dir/provenance.json`, a list (the first start, then one record per resume):
+    the git commit of this code and whether tracked files differ from it ("unknown" outside a git checkout), the
+    resolved arguments, the installed versions of the packages used, the device, host and time. Returns the list."""
+    git = ["git", "-C", os.path.dirname(os.path.abspath(__file__))]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout)
+    except (OSError, subprocess.CalledProcessError):  # no git, or not a checkout
+        commit = dirty = "unknown"
+    installed = {d.name.lower().replace("_", "-"): d.version for d in importlib.metadata.distributions()}
+    packages = ("torch", "numpy", "gymnasium", "gymnasium-robotics", "minari", "mujoco", "ale-py", "tyro")
+    record = {"commit": commit, "dirty": dirty, "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "python": platform.python_version(),
+              "versions": {name: installed[name] for name in packages if name in installed}, "args": asdict(args)}
+    path = f"{run_dir}/provenance.json"
+    records = [*(json.load(open(path)) if os.path.exists(path) else []), record]
+    os.makedirs(run_dir, exist_ok=True)
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(records, f, indent=1, default=str)
+    os.replace(f"{path}.tmp", path)
+    return records
+
+
+def env_generators(env: gym.Env) -> dict:
+    """Every numpy random generator an env holds, by attribute path: its own, its wrappers' and those of the objects
+    inside it (FrankaKitchen's robot draws its observation noise from one of its own). Found by walking instance
+    attributes, lists and dicts (not classes or modules), each object once."""
+    found, seen, todo = {}, set(), [("env", env)]
+    while todo:
+        path, obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, (type, types.ModuleType)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, (np.random.Generator, np.random.RandomState)):
+            found[path] = obj
+        elif isinstance(obj, dict):
+            todo += [(f"{path}[{key!r}]", value) for key, value in obj.items()]
+        elif isinstance(obj, (list, tuple)):
+            todo += [(f"{path}[{i}]", value) for i, value in enumerate(obj)]
+        elif hasattr(obj, "__dict__"):
+            todo += [(f"{path}.{name}", value) for name, value in vars(obj).items()]
+    return found
+
+
+def env_generator_states(env: gym.Env) -> dict:
+    generators = env_generators(env).items()
+    return {path: g.bit_generator.state if isinstance(g, np.random.Generator) else g.get_state(legacy=False) for path, g in generators}
+
+
+def restore_env_generators(states: dict, env: gym.Env):
+    """Each generator of the env set to its saved state in place (one shared by two objects stays shared)."""
+    generators = env_generators(env)
+    missing = sorted(states.keys() - generators.keys())
+    if missing:
+        raise SystemExit(f"error: the checkpoint holds the random state of {missing[0]}, which this env lacks: resume with the --env-id and --env-kwargs the run started with")
+    for path, state in states.items():
+        if isinstance(generators[path], np.random.Generator):
+            generators[path].bit_generator.state = state
+        else:
+            generators[path].set_state(state)
+
+
 def random_states(env: gym.Env, rng: np.random.Generator) -> dict:
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda,
-            "rng": rng.bit_generator.state, "ale": env.unwrapped.ale.cloneState(include_rng=True)}  # sticky actions' RNG
+            "rng": rng.bit_generator.state, "env": env_generator_states(env), "ale": env.unwrapped.ale.cloneState(include_rng=True)}  # sticky actions' RNG
 
 
 def restore_random_states(states: dict, env: gym.Env, rng: np.random.Generator):
@@ -328,6 +396,7 @@ def restore_random_states(states: dict, env: gym.Env, rng: np.random.Generator):
     if states["cuda"]:
         torch.cuda.set_rng_state_all(states["cuda"])
     rng.bit_generator.state = states["rng"]
+    restore_env_generators(states["env"], env)
     env.unwrapped.ale.restoreState(states["ale"])
 
 
@@ -385,10 +454,13 @@ if __name__ == "__main__":
         progress, online_buffer = Progress(**checkpoint["progress"]), FrameStore(**checkpoint["online_buffer"])
         restore_random_states(checkpoint["random_states"], env, rng)
         print(f"resuming {run_name} from gradient step {progress.global_step} ({progress.phase}, {progress.env_steps} env steps)")
-    if args.track:
+    provenance = write_provenance(run_dir, args, device)
+    if args.track:  # one W&B run per run: its id is made of the run name and its first start, so a resume continues it
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
+        run_id = hashlib.sha256(f"{run_name} {provenance[0]['start_time']}".encode()).hexdigest()[:32]
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name,
+                   id=run_id, resume="allow", save_code=True)
     # a resumed run rewrites what followed its checkpoint: TensorBoard hides those older points (no duplicates)
     writer = SummaryWriter(run_dir, purge_step=progress.global_step + 1 if resumed else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
@@ -450,7 +522,8 @@ if __name__ == "__main__":
             online_buffer.add(**label(episode, args.gamma))  # labelled with its own MC returns once it has ended
             steps_before, env_steps_before = progress.global_step, progress.env_steps
             progress.env_steps += len(episode["actions"])
-            for _ in range(int(len(episode["actions"]) * args.utd_ratio)):
+            # the updates this episode's steps add to round(env_steps * utd): a fractional UTD's remainder is carried over
+            for _ in range(round(progress.env_steps * args.utd_ratio) - round(env_steps_before * args.utd_ratio)):
                 offline_batch, online_batch = offline_buffer.sample(n_offline, rng), online_buffer.sample(args.batch_size - n_offline, rng)
                 gradient_step({k: np.concatenate([offline_batch[k], online_batch[k]]) for k in offline_batch})
             writer.add_scalar("charts/episodic_return", episode["rewards"].sum(), progress.global_step)

@@ -8,13 +8,18 @@ where mc_return(s) is the Monte-Carlo return-to-go of the trajectory the transit
 
 import argparse
 import copy
+import hashlib
+import importlib.metadata
 import json
 import math
 import os
+import platform
 import random
 import signal
+import subprocess
 import sys
 import time
+import types
 from dataclasses import asdict, dataclass, field, replace
 
 import gymnasium as gym
@@ -46,7 +51,8 @@ class Args:
     checkpoint_every: int = 50_000  # save the whole run state to `runs/{run_name}/checkpoint.pt` every this many gradient steps (0: only on SIGTERM/SIGUSR1/2)
 
     # data
-    env_id: str = "pointmaze-umaze"  # the task; `--env-id ID --help` shows its preset. Any gymnasium id works with --dataset-path or --dataset-id
+    env_id: str = "pointmaze-umaze"  # the task; `--env-id ID --help` shows its preset. Any gymnasium id (or module.path:EnvId-v0, importing module.path first) works with --dataset-path or --dataset-id
+    env_kwargs: str = "{}"  # a custom --env-id's keyword arguments for gymnasium.make, as JSON, e.g. '{"max_episode_steps": 200}' (a built-in task's are fixed)
     dataset_path: str | None = None  # a D4RL-format HDF5 file to use as the offline data
     dataset_id: str | None = None  # a Minari dataset id to use as the offline data
     dataset_dir: str = "datasets"  # where the embedded task's data is cached and the AWAC Adroit files are looked for (in offpolicy_hand_data/)
@@ -74,7 +80,7 @@ class Args:
     # offline
     offline_steps: int = 1_000_000  # gradient steps of offline pre-training
     offline_eval_every: int = 50_000  # evaluate every this many offline gradient steps
-    pretrained_checkpoint: str | None = None  # skip pre-training and fine-tune the agent saved in this file
+    pretrained_checkpoint: str | None = None  # skip pre-training and fine-tune the agent saved in this file (a run's pretrained.pt, final.pt or checkpoint.pt)
 
     # online
     online_env_steps: int = 1_000_000  # environment steps of online fine-tuning
@@ -98,6 +104,9 @@ PRESETS = {  # per task family, then per task id on top of it: what differs from
     "pointmaze": dict(reward_scale=10.0, reward_bias=-5.0, failure_reward=0.0, policy_hidden=[128, 128], q_hidden=[128, 128],
                       offline_steps=5_000, offline_eval_every=2_500, online_env_steps=10_000, online_eval_every=2_500,
                       eval_episodes=50, checkpoint_every=5_000),
+    # Built for CQL's fine-tuning dip (docs/effect.md): small networks, targets 4x faster so Q settles within pre-training
+    "pointmaze-tight": dict(policy_hidden=[64, 64], q_hidden=[64, 64], tau=0.02, offline_steps=20_000, online_env_steps=3_000,
+                            online_eval_every=500, eval_episodes=20),
     # The paper's tasks: the official settings (nakamotoo/Cal-QL scripts/run_antmaze.sh, run_adroit.sh, run_kitchen.sh)
     "antmaze": dict(reward_scale=10.0, reward_bias=-5.0, failure_reward=0.0, q_hidden=[256] * 4, cql_lagrange=True, cql_target_action_gap=0.8),
     "adroit": dict(reward_scale=10.0, reward_bias=5.0, failure_reward=-1.0, policy_hidden=[512] * 2, q_hidden=[512] * 3, cql_weight=1.0,
@@ -449,10 +458,73 @@ def atomic_save(state: dict, path: str):
     os.replace(f"{path}.tmp", path)
 
 
+def write_provenance(run_dir: str, args, device: torch.device) -> list[dict]:
+    """Append this start of the run to `run_dir/provenance.json`, a list (the first start, then one record per resume):
+    the git commit of this code and whether tracked files differ from it ("unknown" outside a git checkout), the
+    resolved arguments, the installed versions of the packages used, the device, host and time. Returns the list."""
+    git = ["git", "-C", os.path.dirname(os.path.abspath(__file__))]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout)
+    except (OSError, subprocess.CalledProcessError):  # no git, or not a checkout
+        commit = dirty = "unknown"
+    installed = {d.name.lower().replace("_", "-"): d.version for d in importlib.metadata.distributions()}
+    packages = ("torch", "numpy", "gymnasium", "gymnasium-robotics", "minari", "mujoco", "ale-py", "tyro")
+    record = {"commit": commit, "dirty": dirty, "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "python": platform.python_version(),
+              "versions": {name: installed[name] for name in packages if name in installed}, "args": asdict(args)}
+    path = f"{run_dir}/provenance.json"
+    records = [*(json.load(open(path)) if os.path.exists(path) else []), record]
+    os.makedirs(run_dir, exist_ok=True)
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(records, f, indent=1, default=str)
+    os.replace(f"{path}.tmp", path)
+    return records
+
+
+def env_generators(env: gym.Env) -> dict:
+    """Every numpy random generator an env holds, by attribute path: its own, its wrappers' and those of the objects
+    inside it (FrankaKitchen's robot draws its observation noise from one of its own). Found by walking instance
+    attributes, lists and dicts (not classes or modules), each object once."""
+    found, seen, todo = {}, set(), [("env", env)]
+    while todo:
+        path, obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, (type, types.ModuleType)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, (np.random.Generator, np.random.RandomState)):
+            found[path] = obj
+        elif isinstance(obj, dict):
+            todo += [(f"{path}[{key!r}]", value) for key, value in obj.items()]
+        elif isinstance(obj, (list, tuple)):
+            todo += [(f"{path}[{i}]", value) for i, value in enumerate(obj)]
+        elif hasattr(obj, "__dict__"):
+            todo += [(f"{path}.{name}", value) for name, value in vars(obj).items()]
+    return found
+
+
+def env_generator_states(env: gym.Env) -> dict:
+    generators = env_generators(env).items()
+    return {path: g.bit_generator.state if isinstance(g, np.random.Generator) else g.get_state(legacy=False) for path, g in generators}
+
+
+def restore_env_generators(states: dict, env: gym.Env):
+    """Each generator of the env set to its saved state in place (one shared by two objects stays shared)."""
+    generators = env_generators(env)
+    missing = sorted(states.keys() - generators.keys())
+    if missing:
+        raise SystemExit(f"error: the checkpoint holds the random state of {missing[0]}, which this env lacks: resume with the --env-id and --env-kwargs the run started with")
+    for path, state in states.items():
+        if isinstance(generators[path], np.random.Generator):
+            generators[path].bit_generator.state = state
+        else:
+            generators[path].set_state(state)
+
+
 def random_states(env: gym.Env) -> dict:
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda,
-            "env": env.unwrapped.np_random.bit_generator.state}
+            "env": env_generator_states(env)}
 
 
 def restore_random_states(states: dict, env: gym.Env):
@@ -461,7 +533,7 @@ def restore_random_states(states: dict, env: gym.Env):
     torch.set_rng_state(states["torch"])
     if states["cuda"]:
         torch.cuda.set_rng_state_all(states["cuda"])
-    env.unwrapped.np_random.bit_generator.state = states["env"]
+    restore_env_generators(states["env"], env)
 
 
 def load_agent(path: str, agent: Agent, optimizer: torch.optim.Optimizer) -> dict:
@@ -504,7 +576,8 @@ if __name__ == "__main__":
     # environment and offline data, labelled with Monte-Carlo returns (before the run folder: bad data leaves none)
     try:
         task = get_task(args.env_id, args.dataset_path, args.dataset_id)
-        env, eval_env = make_env(args.env_id, args.seed), make_env(args.env_id, args.seed, "rgb_array" if args.capture_video else None)
+        env = make_env(args.env_id, args.seed, env_kwargs=args.env_kwargs)
+        eval_env = make_env(args.env_id, args.seed, "rgb_array" if args.capture_video else None, args.env_kwargs)
         dataset = load_dataset(args.env_id, args.dataset_path, args.dataset_id, args.dataset_dir)
         check_dataset_fits_env(dataset, env, args.dataset_path or args.dataset_id or args.env_id)
     except DatasetError as e:
@@ -525,10 +598,13 @@ if __name__ == "__main__":
         online_buffer.load_state_dict(checkpoint["online_buffer"])
         restore_random_states(checkpoint["random_states"], env)
         print(f"resuming {run_name} from gradient step {progress.global_step} ({progress.phase}, {progress.env_steps} env steps)")
-    if args.track:
+    provenance = write_provenance(run_dir, args, device)
+    if args.track:  # one W&B run per run: its id is made of the run name and its first start, so a resume continues it
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
+        run_id = hashlib.sha256(f"{run_name} {provenance[0]['start_time']}".encode()).hexdigest()[:32]
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name,
+                   id=run_id, resume="allow", save_code=True)
     # a resumed run rewrites what followed its checkpoint: TensorBoard hides those older points (no duplicates)
     writer = SummaryWriter(run_dir, purge_step=progress.global_step + 1 if resumed else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
@@ -563,7 +639,8 @@ if __name__ == "__main__":
     # ---------------- offline pre-training ----------------
     if progress.phase == "offline":
         if args.pretrained_checkpoint:
-            progress.global_step = load_agent(args.pretrained_checkpoint, agent, optimizer)["global_step"]
+            saved = load_agent(args.pretrained_checkpoint, agent, optimizer)
+            progress.global_step = saved["progress"]["global_step"] if "progress" in saved else saved["global_step"]  # checkpoint.pt: in its progress
             print(f"fine-tuning {args.pretrained_checkpoint} (pre-trained for {progress.global_step} gradient steps)")
         else:
             train_step = make_train_step(agent, optimizer, args, offline_buffer)
@@ -582,7 +659,6 @@ if __name__ == "__main__":
             exit_if_stopped()
             save_agent("pretrained.pt")
         progress.phase = "online"
-        env.reset(seed=args.seed)
 
     # ---------------- online fine-tuning: collect, label, update, evaluate ----------------
     train_step = make_train_step(agent, optimizer, args, offline_buffer, online_buffer)
@@ -592,7 +668,8 @@ if __name__ == "__main__":
             online_buffer.add(label_transitions(episode, args))  # labelled with its own MC returns once it has ended
             steps_before, env_steps_before = progress.global_step, progress.env_steps
             progress.env_steps += stats["length"]
-            for _ in range(int(stats["length"] * args.utd_ratio)):
+            # the updates this episode's steps add to round(env_steps * utd): a fractional UTD's remainder is carried over
+            for _ in range(round(progress.env_steps * args.utd_ratio) - round(env_steps_before * args.utd_ratio)):
                 metrics, progress.global_step = train_step(), progress.global_step + 1
                 if progress.global_step % args.log_every == 0:
                     log_metrics(writer, metrics, progress.global_step, (progress.global_step - start_step) / (time.time() - start_time))

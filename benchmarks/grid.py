@@ -276,6 +276,9 @@ def main():
     if args.executor == "slurm" and not args.dry_run:
         check_slurm_tools()
     root = Path(args.root).resolve()
+    # the runs start in ROOT: relative PYTHONPATH entries (the folder of a module.path:EnvId-v0 id's module) made absolute
+    if os.environ.get("PYTHONPATH"):
+        os.environ["PYTHONPATH"] = os.pathsep.join(os.path.abspath(entry) for entry in os.environ["PYTHONPATH"].split(os.pathsep))
     runs = plan(args, flags)
     busy = queued_runs(root) if args.executor == "slurm" and not args.dry_run else {}
     todo = []

@@ -1,5 +1,6 @@
 """The report of a grid of runs: a table per task and algorithm, an aggregate across tasks (rliable), and figures of
-the normalized score during online fine-tuning and of the calibration gap, read from the runs' TensorBoard events.
+the normalized score during online fine-tuning and of the calibration gap, read from the runs' TensorBoard events;
+and the commit(s) the runs ran, from their provenance.json, flagged where they differ or had uncommitted changes.
 
     python benchmarks/report.py ROOT                  # ROOT/runs/* (and ROOT/grid.json) -> ROOT/report/
     python benchmarks/report.py ROOT --out ROOT/report --bootstrap-reps 2000
@@ -71,6 +72,14 @@ class Run:
         """The gradient step of the last pre-training evaluation (online fine-tuning starts after it), else the first."""
         return int(self.eval_steps[self.env_steps == 0][-1]) if (self.env_steps == 0).any() else int(self.eval_steps[0])
 
+    @property
+    def dip(self) -> float:
+        """The fine-tuning dip: the score after pre-training minus the lowest online evaluation (below 0: it never fell
+        below its start); nan without both."""
+        env_steps, scores = self.online_curve()
+        online = scores[env_steps > 0]
+        return float(self.offline_score - online.min()) if len(online) else np.nan
+
     def online_curve(self) -> tuple[np.ndarray, np.ndarray]:
         """Score against online environment steps, the score after pre-training at step 0 where there is one."""
         keep = (self.env_steps > 0) | (self.eval_steps == self.online_start)
@@ -80,7 +89,8 @@ class Run:
 # the table's columns: name, which runs count, the value of a run
 COLUMNS = [("score after pre-training", "pretrained", lambda run: run.offline_score),
            ("score after fine-tuning", "finished", lambda run: float(run.scores[-1])),
-           ("cumulative regret", "finished", lambda run: run.regret)]
+           ("cumulative regret", "finished", lambda run: run.regret),
+           ("dip: score after pre-training - lowest online score", "finished", lambda run: run.dip)]
 
 
 def scalars(events: EventAccumulator, tag: str) -> dict[int, float]:
@@ -156,13 +166,29 @@ def group(runs: list[Run]) -> dict[str, dict[str, list[Run]]]:
 
 
 def task_table(groups: dict) -> list[str]:
-    lines = ["| task | algorithm | seeds finished | " + " | ".join(name for name, _, _ in COLUMNS) + " |", "|-|-|-|-|-|-|"]
+    lines = ["| task | algorithm | seeds finished | " + " | ".join(name for name, _, _ in COLUMNS) + " |", "|-" * (3 + len(COLUMNS)) + "|"]
     for task, by_algorithm in groups.items():
         for algorithm, runs in by_algorithm.items():
             digits = 3 if all(r.normalized for r in runs) else 1
             cells = [cell([value(r) for r in runs if getattr(r, which) and np.isfinite(value(r))], digits) for _, which, value in COLUMNS]
             seeds = ", ".join(str(r.seed) for r in runs if r.finished) or "none"
             lines.append(f"| {task} | {algorithm} | {seeds} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def seed_table(groups: dict) -> list[str]:
+    """Every run past pre-training, seed by seed: what a mean hides (how many seeds dipped, and how far)."""
+    lines = ["| task | algorithm | seed | score after pre-training | online scores (env steps) | lowest online | dip | final | regret |",
+             "|-|-|-|-|-|-|-|-|-|"]
+    for task, by_algorithm in groups.items():
+        for algorithm, runs in by_algorithm.items():
+            for run in (r for r in runs if r.pretrained):
+                env_steps, scores = run.online_curve()
+                online = [f"{score:.2f} ({steps})" for steps, score in zip(env_steps, scores) if steps > 0]
+                final = f"{run.scores[-1]:.2f}" if run.finished else "running"
+                lowest = f"{scores[env_steps > 0].min():.2f}" if online else "–"
+                lines.append(f"| {task} | {algorithm} | {run.seed} | {run.offline_score:.2f} | {', '.join(online) or '–'} | {lowest} | "
+                             f"{run.dip:.2f} | {final} | {run.regret:.3f} |")
     return lines
 
 
@@ -215,6 +241,34 @@ def status_lines(folders: dict[str, Run | None], expected: list[str] | None, gro
                  "after pre-training once that is done; not in the other columns nor the aggregate", unfinished)]
     lines = [line for title, items in sections if items for line in ["", f"{title}:", *[f"- {item}" for item in items]]]
     return lines or ["None: every expected run finished."]
+
+
+def code_lines(root: Path, names: list[str]) -> list[str]:
+    """Which code the runs ran, from their runs/NAME/provenance.json (one record per start: a resumed run has several):
+    the commit(s), with a warning where the runs differ in commit or ran with uncommitted changes to tracked files."""
+    runs_of, dirty, unrecorded = {}, [], []  # runs_of: commit -> names of the runs that ran it (at any start)
+    for name in names:
+        try:
+            records = json.loads((root / "runs" / name / "provenance.json").read_text())
+            commits, ran_dirty = [r["commit"] for r in records], any(r["dirty"] is True for r in records)
+        except (OSError, ValueError, KeyError, TypeError):
+            unrecorded.append(name)
+            continue
+        for commit in dict.fromkeys(commits):
+            runs_of.setdefault(commit, []).append(name)
+        dirty += [name] if ran_dirty else []
+    paragraphs = []
+    if len(runs_of) == 1:
+        commit = next(iter(runs_of))
+        paragraphs.append(["The runs ran outside a git checkout: commit unknown." if commit == "unknown" else f"The runs ran commit `{commit}`."])
+    elif runs_of:
+        paragraphs.append(["**Warning: the runs ran different code** (a run resumed on other code is listed under each commit):",
+                           *[f"- `{commit}`: {', '.join(runs)}" for commit, runs in runs_of.items()]])
+    if dirty:
+        paragraphs.append([f"**Warning: {len(dirty)} run(s) ran with uncommitted changes to tracked files**, which no commit reproduces: {', '.join(dirty)}"])
+    if unrecorded:
+        paragraphs.append([f"No readable provenance.json (started before it was recorded): {', '.join(unrecorded)}"])
+    return "\n\n".join(map("\n".join, paragraphs)).split("\n") if paragraphs else ["No run has started yet."]
 
 
 def panels(n: int, title: str):
@@ -280,7 +334,8 @@ def plot_calibration(groups: dict, path: Path):
 
 TABLE_NOTE = ("Mean over seeds [95% Student-t interval: mean -+ t(0.975, n-1) s / sqrt(n)] (n seeds); n=1: no interval. "
               "Score after pre-training: every run past pre-training; the other columns: finished runs. Cumulative regret: "
-              "the last eval/regret, the mean of 1 - normalized score over the online evaluations (lower is better).")
+              "the last eval/regret, the mean of 1 - normalized score over the online evaluations (lower is better). Dip: "
+              "the score after pre-training minus the lowest online evaluation (CQL's unlearning; below 0: never fell below it).")
 
 
 def write_report(root: Path, out: Path, reps: int) -> Path:
@@ -297,12 +352,13 @@ def write_report(root: Path, out: Path, reps: int) -> Path:
     groups = group(runs)
     count = f"{len(expected)} in grid.json" if expected is not None else f"{len(folders)} in runs/ (no grid.json)"
     lines = [f"# Report of {root.resolve()}", "", f"{sum(r.finished for r in runs)} finished run(s) of {count}.", "",
-             "## Missing and unfinished runs", *status_lines(folders, expected, groups, set_aside), ""]
+             "## Code", "", *code_lines(root, names), "", "## Missing and unfinished runs", *status_lines(folders, expected, groups, set_aside), ""]
     out.mkdir(parents=True, exist_ok=True)
     if groups:
         plot_scores(groups, out / "scores.png")
         plot_calibration(groups, out / "calibration.png")
-        lines += ["## Per task", "", TABLE_NOTE, "", *task_table(groups), "", "## Aggregate across tasks (rliable)", "",
+        lines += ["## Per task", "", TABLE_NOTE, "", *task_table(groups), "", "## Per seed", "", *seed_table(groups), "",
+                  "## Aggregate across tasks (rliable)", "",
                   f"Interquartile mean and mean over all (task, seed) scores, 95% stratified-bootstrap percentile intervals "
                   f"({reps} resamples of the seeds within each task).", "", *aggregate_table(groups, reps), "",
                   "## Figures", "", f"Curves: {CURVES_NOTE}; the calibration gap is averaged over the gradient steps common to the runs.",

@@ -17,6 +17,7 @@ from utils.pointmaze import collect_pointmaze_dataset
 from utils.tasks import register_robotics_envs
 
 REPO = Path(__file__).resolve().parents[1]
+COMMIT = "5d41402abc4b2a76b9719d911017c592ae2b3c4f"  # the code of fake_run's runs
 
 # --compile runs anywhere; --cudagraphs (alone or on top of --compile) needs a CUDA GPU
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -132,10 +133,12 @@ def fake_run():
     when `finished`; `atari`: only eval/return and eval/env_steps, as cal_ql_atari.py logs them. `resume_at` (gradient step S, step T > S): written as a run stopped at T whose checkpoint is
     at S and resumed, as the scripts do it: a first SummaryWriter writes every point up to T, those after S one
     step late (the lost attempt, as a run that is not bitwise reproducible would log them, so that a reader
-    ignoring the purge shows them), a second one (purge_step=S + 1) every point after S. Returns the run folder."""
+    ignoring the purge shows them), a second one (purge_step=S + 1) every point after S. `code`: the (commit, dirty) of each
+    start, written to provenance.json as the scripts write it (none: no file). Returns the run folder."""
     from torch.utils.tensorboard import SummaryWriter
 
-    def write(root, exp_name, env_id, seed, offline=(0.1, 0.3), online=((100, 0.5), (200, 0.7)), finished=True, resume_at=None, atari=False):
+    def write(root, exp_name, env_id, seed, offline=(0.1, 0.3), online=((100, 0.5), (200, 0.7)), finished=True, resume_at=None, atari=False,
+              code=((COMMIT, False),)):
         name, offline_steps = f"{env_id.replace('/', '_')}__{exp_name}__{seed}", 10 * (len(offline) - 1)
         args = {"exp_name": exp_name, "seed": seed, "env_id": env_id, "offline_steps": offline_steps}
         points, regrets = [], []  # (tag, value, gradient step)
@@ -163,6 +166,8 @@ def fake_run():
             checkpoint, stop = resume_at
             log(None, lambda step: step if step <= checkpoint else step + 1 if step <= stop else None)
             log(checkpoint + 1, lambda step: step if step > checkpoint else None)
+        if code:
+            (folder / "provenance.json").write_text(json.dumps([{"commit": commit, "dirty": dirty, "args": args} for commit, dirty in code]))
         if finished:
             (folder / "finished.json").write_text(json.dumps({"global_step": offline_steps + online[-1][0], "env_steps": online[-1][0]}))
         return folder
@@ -221,6 +226,63 @@ def pointmaze_env() -> gym.Env:
     """The embedded task's gymnasium env, raw (dict observations), 5 steps per episode."""
     register_robotics_envs()
     return gym.make("PointMaze_UMaze-v3", continuing_task=False, max_episode_steps=5)
+
+
+ENV_MODULE = '''"""A test's own environments, registered on import (as `--env-id tiny_envs:Drift-v0` imports this module)."""
+import gymnasium as gym
+import numpy as np
+
+
+class Drift(gym.Env):
+    """A point on a line, moved 0.2 * action per step from a random start; within 0.1 of `goal` it gets reward 1 and the
+    episode ends. Observed as [x, goal] plus sensor noise drawn from a generator of its own (seeded by reset(seed))."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (2,))
+    action_space = gym.spaces.Box(-1, 1, (1,))
+
+    def __init__(self, goal=0.5, render_mode=None):
+        self.goal, self.sensor, self.render_mode = goal, np.random.default_rng(), render_mode
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self.sensor = np.random.default_rng(seed + 1)
+        self.x = self.np_random.uniform(-1, 1)
+        return self.observe(), {}
+
+    def step(self, action):
+        self.x += 0.2 * float(action[0])
+        success = abs(self.x - self.goal) < 0.1
+        return self.observe(), float(success), success, False, {"success": success}
+
+    def observe(self):
+        return (np.array([self.x, self.goal]) + self.sensor.normal(0, 0.01, 2)).astype(np.float32)
+
+
+gym.register("Drift-v0", entry_point=Drift, max_episode_steps=20)
+gym.register("FreewayAgain-v0", entry_point="ale_py.env:AtariEnv", kwargs={"game": "freeway"})
+'''
+
+
+@pytest.fixture
+def env_module(tmp_path, monkeypatch):
+    """ENV_MODULE written to tmp_path/modules/tiny_envs.py, that folder put on this process's sys.path; returns the
+    environment variables that make it importable in a script run by `run_script` (its PYTHONPATH)."""
+    (folder := tmp_path / "modules").mkdir()
+    (folder / "tiny_envs.py").write_text(ENV_MODULE)
+    monkeypatch.syspath_prepend(str(folder))
+    return {"PYTHONPATH": f"{REPO}{os.pathsep}{folder}"}
+
+
+@pytest.fixture
+def drift_data(d4rl_file):
+    """A D4RL file of 100 random Drift-v0 transitions in trajectories of 10 (goal 0.5: reward 1 and terminal there)."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, 101)
+    reached = np.abs(x[1:] - 0.5) < 0.1
+    return d4rl_file(observations=np.stack([x[:-1], np.full(100, 0.5)], 1), actions=rng.uniform(-1, 1, (100, 1)),
+                     next_observations=np.stack([x[1:], np.full(100, 0.5)], 1), rewards=reached.astype(float),
+                     terminals=reached, timeouts=np.arange(100) % 10 == 9)
 
 
 @pytest.fixture(scope="session")

@@ -262,6 +262,15 @@ def test_unknown_env_id_is_one_clear_error():
         make_env("ALE/NoSuchGame-v5", seed=0)
 
 
+def test_module_env_id_imports_its_module_first(env_module, run_script):
+    env = make_env("tiny_envs:FreewayAgain-v0", seed=0)  # registered by the module, as an ALE game
+    assert env.unwrapped.spec.id == "FreewayAgain-v0" and env.reset()[0].shape == (84, 84)
+    proc = run_script("cal_ql_atari.py", "--env-id", "no_such_module:Pong-v5", check=False)
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: --env-id no_such_module:Pong-v5: importing its module no_such_module failed (ModuleNotFoundError: No module named "
+        "'no_such_module'); fix the module, or put its folder on PYTHONPATH")
+
+
 # ---------------- end to end on the real ALE ----------------
 
 SMOKE = ["--dataset-size", "300", "--offline-steps", "20", "--offline-eval-every", "10", "--online-env-steps", "100",

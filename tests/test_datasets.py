@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import pointmaze_env
+from utils import datasets, pointmaze
 from utils.datasets import load_d4rl_hdf5, load_dataset, load_minari, write_d4rl_hdf5
 from utils.tasks import check_dataset_fits_env, get_task, make_env
 from utils.validation import DatasetError
@@ -113,6 +114,35 @@ def test_embedded_pointmaze_data_is_relabelled_to_the_fixed_goal(pointmaze_data_
     np.testing.assert_array_equal(data["terminals"], reached)
     np.testing.assert_array_equal(data["rewards"], reached.astype(np.float32))
     assert 0 < data["terminals"].mean() < 0.5
+
+
+def test_tight_task_data_is_expert_episodes_reaching_the_goal_with_interior_actions(tmp_path, monkeypatch):
+    monkeypatch.setitem(datasets.EMBEDDED, "pointmaze-tight", lambda: pointmaze.collect_tight_dataset(episodes=4))
+    data = load_dataset("pointmaze-tight", None, None, str(tmp_path))  # collected into tmp_path, then read back
+    assert (tmp_path / "pointmaze-tight.hdf5").exists()
+    check_dataset_fits_env(data, make_env("pointmaze-tight", seed=0), "embedded")
+    ends = np.flatnonzero(data["episode_ends"])  # the file's last row is not stored (the D4RL rule): 3 whole episodes
+    assert len(ends) == 4 and np.all(data["terminals"][ends[:3]]) and data["terminals"].sum() == 3  # each at the goal
+    np.testing.assert_array_equal(data["rewards"], data["terminals"])  # sparse: 1 at the goal only
+    lengths = np.diff(ends, prepend=-1)[:3]
+    assert np.all((0.7 * 200 < lengths) & (lengths <= 200))  # within the task's limit, with little to spare
+    assert np.abs(data["actions"]).max() < 0.75  # inside (-1, 1): not in tanh's flat part
+    np.testing.assert_allclose(data["observations"][0, 2:4], [-1.0, 1.0], atol=0.25)  # the goal: cell (1,1)
+    np.testing.assert_allclose(data["observations"][0, :2], [-1.0, -1.0], atol=0.25)  # the start: the far arm, (3,1)
+
+
+def test_tight_task_fails_an_expert_at_half_strength():
+    import gymnasium as gym
+
+    from utils.tasks import TASKS, register_robotics_envs
+
+    register_robotics_envs()
+    task, rng = TASKS["pointmaze-tight"], np.random.default_rng(0)
+    env = gym.make(task.gym_id, max_episode_steps=task.max_episode_steps, **task.env_kwargs)
+    for strength, reaches in ((1.0, True), (0.45, False)):
+        for seed in range(3):
+            rows = pointmaze.expert_episode(env, seed, rng, action_scale=strength, **pointmaze.TIGHT_EXPERT)
+            assert rows[-1][3] == reaches and len(rows) <= task.max_episode_steps  # terminal: at the goal
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -79,6 +79,16 @@ def test_dry_run_prints_what_would_run_and_starts_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # no grid.json, no logs
 
 
+def test_a_module_env_id_runs_with_the_pythonpath_grid_py_was_launched_with(env_module, drift_data, tmp_path):
+    """`--env-ids module.path:EnvId-v0`: each run, started in ROOT, imports the module through a PYTHONPATH entry that
+    was relative to where grid.py was launched."""
+    flags = ["--dataset-path", drift_data, "--env-kwargs", '{"max_episode_steps": 5}', *TINY, "--offline-steps", "10", "--online-env-steps", "10", "--eval-episodes", "1"]
+    proc = run_in(tmp_path, GRID, "--root", "grid", "--scripts", "cal_ql_continuous.py", "--env-ids", "tiny_envs:Drift-v0", "--seeds", "1", "--", *flags,
+                  env={"PYTHONPATH": f"{REPO}{os.pathsep}modules"})  # env_module wrote tmp_path/modules/tiny_envs.py
+    assert proc.stdout.splitlines() == ["[1/1] tiny_envs:Drift-v0__cal_ql_continuous__1: finished"]
+    assert (tmp_path / "grid" / "runs" / "tiny_envs:Drift-v0__cal_ql_continuous__1" / "finished.json").exists()
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--scripts", "sac.py"], "unknown script 'sac.py'"),
     (["--seeds"], "--seeds is empty"),

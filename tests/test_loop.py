@@ -103,6 +103,17 @@ def test_online_loop_updates_len_times_utd_per_episode_and_evaluates_at_each_cro
     np.testing.assert_allclose(regrets, np.cumsum(1 - np.array(scores)) / np.arange(1, len(scores) + 1), rtol=1e-6)
 
 
+def test_a_fractional_utd_ratio_carries_its_remainder_so_a_run_does_round_env_steps_times_utd_updates(run_script, env_module, drift_data, tmp_path):
+    never_reached = '{"goal": 100, "max_episode_steps": 5}'  # 4 online episodes of 5 steps, 2.5 updates each
+    flags = ["--env-id", "tiny_envs:Drift-v0", "--env-kwargs", never_reached, "--dataset-path", drift_data, *TINY, "--offline-steps", "10",
+             "--offline-eval-every", "10", "--online-env-steps", "20", "--utd-ratio", "0.5", "--eval-episodes", "1", "--run-name", "utd"]
+    run_script("cal_ql_continuous.py", *flags, env=env_module)
+    episodes = scalars(tmp_path / "runs" / "utd", with_values=True)["charts/env_steps"]
+    assert [env_steps for _, env_steps in episodes] == [5, 10, 15, 20]
+    # round(2.5) = 2, round(5) - 2, round(7.5) - 5, round(10) - 8: 10 updates in all (int(5 * 0.5) would do 8)
+    assert np.diff([10] + [step for step, _ in episodes]).tolist() == [2, 3, 3, 2]
+
+
 class Corridor(gym.Env):
     """One step right per positive action; reaching x = 3 pays raw reward 1 and ends the episode (0 elsewhere)."""
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks import report
+from conftest import COMMIT
 
 CAL_QL, CQL, TASK = "cal_ql_continuous", "cql_continuous", "pointmaze-umaze"
 
@@ -32,8 +33,13 @@ def test_table_shows_hand_computed_means_and_intervals(fake_run, run_script, tmp
     # offline 0.1, 0.2, 0.3, 0.4: mean 0.25, s = 0.12910, half width 3.18245 * 0.12910 / 2 = 0.20543
     # final 0.6 .. 0.9: mean 0.75, the same spread; regret = mean(1 - 0.5, 1 - final) = 0.45, 0.4, 0.35, 0.3:
     # mean 0.375, s = 0.06455, half width 0.10271
-    row = "| pointmaze-umaze | Cal-QL | 1, 2, 3, 4 | 0.250 [0.045, 0.455] (n=4) | 0.750 [0.545, 0.955] (n=4) | 0.375 [0.272, 0.478] (n=4) |"
+    # dip = offline - lowest online (0.5 at 100 env steps) = -0.4, -0.3, -0.2, -0.1: never below the start
+    row = ("| pointmaze-umaze | Cal-QL | 1, 2, 3, 4 | 0.250 [0.045, 0.455] (n=4) | 0.750 [0.545, 0.955] (n=4) | 0.375 [0.272, 0.478] (n=4) "
+           "| -0.250 [-0.455, -0.045] (n=4) |")
     assert row in text
+    # per seed: task-b Cal-QL seed 2 fell from 0.2 to its final 0.2 via 0.5; seed 1 of pointmaze-umaze rose
+    assert "| pointmaze-umaze | Cal-QL | 1 | 0.10 | 0.50 (100), 0.60 (200) | 0.50 | -0.40 | 0.60 | 0.450 |" in text
+    assert "| task-b | Cal-QL | 2 | 0.20 | 0.50 (100), 0.20 (200) | 0.20 | 0.00 | 0.20 | 0.650 |" in text
     assert "| task-b | CQL | 1, 2, 3, 4 | 0.250 [0.045, 0.455] (n=4) | 0.500 [0.500, 0.500] (n=4) | 0.500 [0.500, 0.500] (n=4) |" in text
 
     # Atari returns, one decimal, t(0.975, 1) = 12.706: offline 1, 2: mean 1.5 -+ 12.706 * 0.7071 / sqrt(2) = 6.353;
@@ -97,6 +103,31 @@ def test_resumed_run_reads_as_the_uninterrupted_one(fake_run, tmp_path):
         np.testing.assert_array_equal(getattr(resumed, field), getattr(once, field))
     np.testing.assert_array_equal(resumed.calibration, once.calibration)
     assert resumed.regret == once.regret == pytest.approx((0.5 + 0.4 + 0.1) / 3)
+
+
+def test_code_section_states_the_commit_and_flags_runs_of_other_or_uncommitted_code(fake_run, tmp_path):
+    def code_section():
+        text = report.write_report(tmp_path, tmp_path / "report", reps=10).read_text()
+        return text.split("## Code\n\n")[1].split("\n\n## ")[0]
+
+    for seed in (1, 2):
+        fake_run(tmp_path, CAL_QL, TASK, seed)
+    assert code_section() == f"The runs ran commit `{COMMIT}`."
+
+    other = "f" * 40
+    fake_run(tmp_path, CQL, TASK, 1, code=((other, False),))
+    fake_run(tmp_path, CQL, TASK, 2, code=((COMMIT, False), (other, True)))  # resumed on other code, with changes
+    fake_run(tmp_path, CQL, TASK, 3, code=())  # started before provenance was recorded
+    name = lambda exp_name, seed: f"{TASK}__{exp_name}__{seed}"  # noqa: E731
+    assert code_section().splitlines() == [
+        "**Warning: the runs ran different code** (a run resumed on other code is listed under each commit):",
+        f"- `{COMMIT}`: {name(CAL_QL, 1)}, {name(CAL_QL, 2)}, {name(CQL, 2)}",
+        f"- `{other}`: {name(CQL, 1)}, {name(CQL, 2)}",
+        "",
+        f"**Warning: 1 run(s) ran with uncommitted changes to tracked files**, which no commit reproduces: {name(CQL, 2)}",
+        "",
+        f"No readable provenance.json (started before it was recorded): {name(CQL, 3)}",
+    ]
 
 
 def test_bad_input_gets_one_line(fake_run, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, scalars
+from utils.tasks import make_env
 
 SHORT = ["--offline-steps", "20", "--offline-eval-every", "10", "--online-env-steps", "400", "--online-eval-every", "200", "--eval-episodes", "2"]
 EXPECTED_KEYS = {
@@ -35,6 +36,21 @@ def test_offline_then_online_run_logs_evaluates_and_checkpoints(script, run_scri
     (finetune_dir,) = (tmp_path / "runs").glob("*finetune*")
     logged = scalars(finetune_dir)
     assert min(logged["losses/qf_loss"]) > 20 and min(logged["eval/return"]) > 20
+
+
+def test_own_env_from_a_module_with_env_kwargs_runs_and_saves_them(run_script, env_module, drift_data, tmp_path):
+    """`--env-id module:EnvId` imports the module first, as gymnasium.make does; --env-kwargs reach gymnasium.make and
+    are saved with the run's args, from which an evaluator builds the same env."""
+    kwargs = '{"goal": 0.3, "max_episode_steps": 7}'
+    flags = ["--env-id", "tiny_envs:Drift-v0", "--env-kwargs", kwargs, "--dataset-path", drift_data, *TINY, *SHORT, "--online-env-steps", "60"]
+    run_script("cal_ql_continuous.py", *flags, env=env_module)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    lengths = [length for _, length in scalars(run_dir, with_values=True)["charts/episodic_length"]]
+    assert sum(lengths) >= 60 and max(lengths) <= 7 < 20  # the kwargs' time limit, not the registered one
+    saved = torch.load(run_dir / "final.pt", weights_only=False)["args"]
+    assert (saved["env_id"], saved["env_kwargs"]) == ("tiny_envs:Drift-v0", kwargs)
+    env = make_env(saved["env_id"], seed=0, env_kwargs=saved["env_kwargs"])
+    assert (env.unwrapped.goal, env.spec.max_episode_steps) == (0.3, 7)
 
 
 def test_capture_video_records_the_first_episode_of_each_evaluation(run_script, pointmaze_data_dir, tmp_path, monkeypatch):
@@ -64,6 +80,12 @@ def test_checkpoint_of_other_network_sizes_is_refused(run_script, pointmaze_data
         (["--dataset-path", "missing.hdf5"], "error: dataset file missing.hdf5 not found"),
         (["--reward-scale", "1e39", "--offline-steps", "10"], "error: losses/qf_loss became nan by gradient step 5"),
         (["--mixing-ratio", "1.5"], "error: --mixing-ratio 1.5 is the offline share of a batch"),
+        (["--env-id", "no_such_module:Drift-v0", "--dataset-path", "data.hdf5"],
+         "error: --env-id no_such_module:Drift-v0: importing its module no_such_module failed (ModuleNotFoundError: No module named 'no_such_module')"),
+        (["--env-kwargs", '{"continuing_task": true}'], "error: --env-kwargs is for a custom gymnasium id: the settings of the task pointmaze-umaze are fixed"),
+        (["--env-id", "PointMaze_UMaze-v3", "--dataset-path", "data.hdf5", "--env-kwargs", "{continuing_task: true}"], "is not valid JSON"),
+        (["--env-id", "PointMaze_UMaze-v3", "--dataset-path", "data.hdf5", "--env-kwargs", '{"colour": 1}'],
+         "error: --env-kwargs {\"colour\": 1} do not fit PointMaze_UMaze-v3 (MujocoEnv.__init__() got an unexpected keyword argument 'colour'): give only"),
         pytest.param(["--cudagraphs"], "error: --cudagraphs replays CUDA graphs and needs a CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
     ],
 )

@@ -14,7 +14,7 @@ import torch
 from gymnasium_robotics.envs.franka_kitchen.kitchen_env import OBS_ELEMENT_GOALS, OBS_ELEMENT_INDICES
 from gymnasium_robotics.utils.rotations import euler2quat
 
-from conftest import TINY, scalars
+from conftest import TINY, reference_mc_returns, scalars
 from utils.datasets import load_dataset
 from utils.evaluation import evaluate
 from utils.tasks import ANTMAZE_EVAL_MAPS, TASKS, check_dataset_fits_env, make_env, maze_cell, register_robotics_envs
@@ -215,14 +215,23 @@ def test_minari_antmaze_is_relabelled_at_the_evaluation_goal_only(env_id, elsewh
     np.testing.assert_array_equal(np.flatnonzero(data["episode_ends"]), np.union1d(np.flatnonzero(reached), recorded_ends))
 
 
-def test_minari_kitchen_is_flattened_like_the_env(minari_store):
-    minari_store("D4RL/kitchen/mixed-v2", recording_env("kitchen-mixed"), [4, 4])
+def test_minari_kitchen_is_flattened_like_the_env_and_each_demo_ends_at_a_terminal(minari_store):
+    """As D4RL's Kitchen files mark it, for the official code: a demo's last step has MC return r_T and no bootstrap
+    (the tail r_T / (1 - gamma) is for online episodes cut by the time limit)."""
+    minari_store("D4RL/kitchen/mixed-v2", recording_env("kitchen-mixed"), [4, 4], rewards=[[0, 1, 1, 2], [1, 2, 3, 4]])
     data = load_dataset("kitchen-mixed", None, None, "unused")
     env = make_env("kitchen-mixed", seed=0)
     check_dataset_fits_env(data, env, "D4RL/kitchen/mixed-v2")
-    assert not data["terminals"].any()
-    np.testing.assert_array_equal(np.flatnonzero(data["episode_ends"]), [3, 7])
+    np.testing.assert_array_equal(np.flatnonzero(data["terminals"]), [3, 7])
+    np.testing.assert_array_equal(data["episode_ends"], data["terminals"])
     np.testing.assert_allclose(data["observations"][0], env.reset(seed=0)[0], rtol=1e-6, atol=1e-6)
+    from dataclasses import replace
+
+    from cal_ql_continuous import PRESETS, Args, label_transitions
+
+    mc_returns = label_transitions(data, replace(Args(), **PRESETS["kitchen"]))["mc_returns"]  # with --mc-bootstrap-tail
+    assert (mc_returns[3], mc_returns[7]) == (2, 4)
+    np.testing.assert_allclose(mc_returns, reference_mc_returns(data["rewards"], data["terminals"], data["episode_ends"], 0.99), rtol=1e-6)
 
 
 def test_missing_or_corrupt_paper_data_fails_fast_saying_where_to_get_it(tmp_path, monkeypatch):
@@ -267,6 +276,25 @@ def test_presets_are_the_official_settings_of_each_family(monkeypatch):
     assert (ant.policy_hidden, ant.q_hidden, ant.offline_steps, ant.online_env_steps) == ([256] * 2, [256] * 4, 1_000_000, 1_000_000)
     assert (kitchen.cql_importance_sample, kitchen.mixing_ratio, kitchen.failure_reward, kitchen.mc_bootstrap_tail) == (False, 0.25, None, True)
     assert (kitchen.q_hidden, kitchen.offline_steps, kitchen.online_env_steps, kitchen.online_eval_every) == ([512] * 3, 500_000, 1_500_000, 5_000)
+
+
+def test_tight_task_runs_with_its_preset_on_its_collected_data(run_script, tmp_path, monkeypatch):
+    """pointmaze-tight: the family's rewards under its own networks, targets and phases; a tiny run end to end on a few
+    of its expert episodes, written where the script caches the collected data."""
+    from cal_ql_continuous import parse_args
+
+    from utils.datasets import write_d4rl_hdf5
+    from utils.pointmaze import collect_tight_dataset
+
+    monkeypatch.setattr(sys, "argv", ["cal_ql_continuous.py", "--env-id", "pointmaze-tight"])
+    tight = parse_args()
+    assert (tight.reward_scale, tight.reward_bias, tight.failure_reward, tight.cql_weight) == (10, -5, 0, 5)
+    assert (tight.q_hidden, tight.tau, tight.offline_steps, tight.online_env_steps, tight.online_eval_every) == ([64, 64], 0.02, 20_000, 3_000, 500)
+    write_d4rl_hdf5(str(tmp_path / "data" / "pointmaze-tight.hdf5"), collect_tight_dataset(episodes=2))
+    run_script("cql_continuous.py", "--env-id", "pointmaze-tight", "--dataset-dir", "data", *RUN)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    logged = scalars(run_dir)
+    assert logged["eval/success_rate"][:2] == [0, 4] and torch.load(run_dir / "final.pt")["global_step"] > 4
 
 
 def test_kitchen_labels_continue_the_last_reward_of_a_time_limited_trajectory():

@@ -16,6 +16,7 @@ import gymnasium as gym
 import numpy as np
 from tqdm import tqdm
 
+from utils.tasks import env_spec
 from utils.validation import DatasetError, check_arrays
 
 gym.register_envs(ale_py)
@@ -28,8 +29,10 @@ REPLAY_ROWS = dict(observation=((84, 84), np.dtype(np.uint8)), action=((), "iu")
 
 
 def make_env(env_id, seed, max_episode_steps=None, render_mode=None):
-    """The ALE game as the DQN Replay Dataset played it: sticky actions (p=0.25), frame skip 4, 84x84 grey frames."""
-    if env_id not in gym.registry or "ale_py" not in str(gym.registry[env_id].entry_point):
+    """The ALE game as the DQN Replay Dataset played it: sticky actions (p=0.25), frame skip 4, 84x84 grey frames.
+    `module.path:EnvId-v0` imports module.path first, as gymnasium.make does."""
+    spec = env_spec(env_id)
+    if spec is None or "ale_py" not in str(spec.entry_point):
         raise DatasetError(f"unknown Atari env id {env_id!r}; use an ALE id such as ALE/Pong-v5")
     env = gym.make(env_id, frameskip=1, repeat_action_probability=0.25, render_mode=render_mode)
     env = gym.wrappers.AtariPreprocessing(env, noop_max=0, frame_skip=4, screen_size=84, grayscale_obs=True)

@@ -7,7 +7,9 @@ the space's order), as the datasets are.
 """
 
 import contextlib
+import importlib
 import io
+import json
 import warnings
 from dataclasses import dataclass, field
 
@@ -32,6 +34,7 @@ class Task:
 
 POINTMAZE_EVAL_MAP = [[1, 1, 1, 1, 1], [1, "g", 0, 0, 1], [1, 1, 1, 0, 1], [1, 0, 0, 0, 1], [1, 1, 1, 1, 1]]
 POINTMAZE_GOAL_CELL = (1, 1)
+POINTMAZE_TIGHT_MAP = [[1, 1, 1, 1, 1], [1, "g", 0, 0, 1], [1, 1, 1, 0, 1], [1, "r", 0, 0, 1], [1, 1, 1, 1, 1]]  # start (r): the far arm
 
 # AntMaze evaluation mazes: the maze the Minari data was recorded in, with D4RL's fixed start (r) and goal (g). For
 # medium and large these are the eval maps stored with the Minari datasets. For umaze, Minari's stored eval map is the
@@ -76,6 +79,16 @@ TASKS = {
         env_kwargs=dict(maze_map=POINTMAZE_EVAL_MAP, continuing_task=False),
         max_episode_steps=300,
     ),
+    "pointmaze-tight": Task(
+        "pointmaze",
+        "embedded, built for CQL's fine-tuning dip: PointMaze_UMaze-v3 from the far arm (cell (3,1)) to the goal (1,1), "
+        "sparse reward, 200 steps (the expert needs 149-171); data: an expert with actions inside (-1, 1), noise 0.03",
+        ref_min_score=0.0,
+        ref_max_score=1.0,
+        gym_id="PointMaze_UMaze-v3",
+        env_kwargs=dict(maze_map=POINTMAZE_TIGHT_MAP, continuing_task=False, reward_type="sparse"),
+        max_episode_steps=200,
+    ),
     **{
         f"{name}-binary-v0": Task(
             "adroit",
@@ -118,16 +131,46 @@ TASKS = {
 
 
 def get_task(env_id: str, dataset_path: str | None = None, dataset_id: str | None = None) -> Task:
-    """The task for an id: a known task, or any registered gymnasium env together with its own dataset."""
+    """The task for an id: a known task, or any registered gymnasium env (`EnvId-v0`, or `module.path:EnvId-v0`)
+    together with its own dataset."""
     if env_id in TASKS:
         return TASKS[env_id]
     register_robotics_envs()
-    if env_id not in gym.registry:
+    if env_spec(env_id) is None:
         known = ", ".join(TASKS)
-        raise DatasetError(f"unknown --env-id {env_id!r}: use one of {known}, or a gymnasium id with --dataset-path/--dataset-id")
+        raise DatasetError(f"unknown --env-id {env_id!r}: use one of {known}, or a gymnasium id (module.path:EnvId-v0 to import its module first) with --dataset-path/--dataset-id")
     if dataset_path is None and dataset_id is None:
         raise DatasetError(f"--env-id {env_id} is not a built-in task: give its data with --dataset-path FILE.hdf5 (D4RL format) or --dataset-id MINARI_ID")
     return Task("custom", f"gymnasium {env_id} with a user dataset")
+
+
+def env_spec(env_id: str) -> gym.envs.registration.EnvSpec | None:
+    """The registration of an id as `gymnasium.make` reads it: `module.path:EnvId-v0` first imports module.path (which
+    registers EnvId-v0); None if the id is not registered. An import that fails is one error line naming the module."""
+    module, _, name = env_id.rpartition(":")
+    if module:
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # whatever importing the user's module raises
+            error = f"{type(e).__name__}: {e}".splitlines()[0]
+            raise DatasetError(f"--env-id {env_id}: importing its module {module} failed ({error}); fix the module, or put its folder on PYTHONPATH") from e
+    return gym.registry.get(name)
+
+
+def parse_env_kwargs(env_id: str, text: str) -> dict:
+    """--env-kwargs: a JSON object of keyword arguments for gymnasium.make, for a custom id only (a task's settings are
+    fixed by its entry in TASKS: its data was recorded with them)."""
+    example = 'e.g. \'{"max_episode_steps": 200}\''
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"--env-kwargs {text} is not valid JSON ({e}): give a JSON object, {example}") from e
+    if not isinstance(kwargs, dict):
+        raise DatasetError(f"--env-kwargs {text} is not a JSON object: give keyword arguments by name, {example}")
+    if kwargs and env_id in TASKS:
+        raise DatasetError(f"--env-kwargs is for a custom gymnasium id: the settings of the task {env_id} are fixed by its entry in "
+                           f"utils/tasks.py TASKS; drop --env-kwargs, or run {TASKS[env_id].gym_id} as a custom id with --dataset-path/--dataset-id")
+    return kwargs
 
 
 def register_robotics_envs():
@@ -165,12 +208,20 @@ class KitchenScore(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
-def make_env(env_id: str, seed: int, render_mode: str | None = None) -> gym.Env:
-    """The environment of a task, with flat observations and its action space seeded."""
+def make_env(env_id: str, seed: int, render_mode: str | None = None, env_kwargs: str = "{}") -> gym.Env:
+    """The environment of a task, with flat observations, its action space seeded, and reset once with `seed`, so that
+    every random generator it holds exists and is seeded (a resumed run restores them all). `env_kwargs`: the
+    --env-kwargs JSON of a custom id, as a run's saved args hold it, passed to gymnasium.make."""
     register_robotics_envs()
-    task = TASKS.get(env_id)
+    task, kwargs = TASKS.get(env_id), parse_env_kwargs(env_id, env_kwargs)
     if task is None:
-        env = gym.make(env_id, render_mode=render_mode)
+        try:
+            env = gym.make(env_id, render_mode=render_mode, **kwargs)
+        except TypeError as e:  # an argument the env does not take
+            if not kwargs:
+                raise
+            error = str(e).split(" was raised from the environment creator")[0]  # gymnasium appends every kwarg
+            raise DatasetError(f"--env-kwargs {env_kwargs} do not fit {env_id} ({error}): give only arguments it takes") from e
     else:
         with warnings.catch_warnings():
             # AntMaze v4 rather than v5 on purpose: the Minari D4RL/antmaze data was recorded on v4
@@ -188,6 +239,7 @@ def make_env(env_id: str, seed: int, render_mode: str | None = None) -> gym.Env:
     if not isinstance(box, gym.spaces.Box) or not (np.all(box.low == -1) and np.all(box.high == 1)):
         raise DatasetError(f"{env_id}: actions must be a Box in [-1, 1] (tanh policy); wrap the env with gymnasium.wrappers.RescaleAction")
     env.action_space.seed(seed)
+    env.reset(seed=seed)
     return env
 
 
