@@ -15,7 +15,7 @@ import tempfile
 import gymnasium as gym
 import numpy as np
 
-from utils.pointmaze import collect_pointmaze_dataset
+from utils.pointmaze import collect_pointmaze_dataset, collect_tight_dataset
 from utils.tasks import TASKS, ant_state, antmaze_goal, at_goal
 from utils.validation import NUMBERS, DatasetError, check_arrays
 
@@ -26,6 +26,7 @@ TRANSITIONS = {"observations": ((None,), "f"), "actions": ((None,), "f"), "rewar
 D4RL_LAYOUT = {"observations": ((None,), NUMBERS), "actions": ((None,), NUMBERS), "rewards": ((), NUMBERS),
                "terminals": ((), NUMBERS), "timeouts": ((), NUMBERS), "next_observations": ("observations", NUMBERS)}
 AWAC_FOLDER = "offpolicy_hand_data"
+EMBEDDED = {"pointmaze-umaze": collect_pointmaze_dataset, "pointmaze-tight": collect_tight_dataset}  # tasks whose data is collected here
 AWAC_URL = "https://drive.google.com/file/d/1SsVaQKZnY5UkuR78WrInp9XxTdKHbF0x/view"  # the official Cal-QL README's link
 
 
@@ -49,11 +50,11 @@ def load_dataset(env_id: str, dataset_path: str | None, dataset_id: str | None, 
             goal = antmaze_goal(task.env_kwargs["maze_map"])
             episodes = [relabel_at_goal(ep, goal) for ep in episodes]
         return concatenate(episodes)
-    if env_id == "pointmaze-umaze":
-        path = os.path.join(dataset_dir, "pointmaze-umaze.hdf5")
+    if env_id in EMBEDDED:
+        path = os.path.join(dataset_dir, f"{env_id}.hdf5")
         if not os.path.exists(path):  # collected once, then cached; workers collecting at once write identical files
             print(f"collecting the embedded dataset into {path} (done once, then reused)")
-            write_d4rl_hdf5(path, collect_pointmaze_dataset())
+            write_d4rl_hdf5(path, EMBEDDED[env_id]())
         return load_d4rl_hdf5(path)
     raise DatasetError(f"no dataset known for {env_id}")
 

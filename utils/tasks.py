@@ -32,6 +32,7 @@ class Task:
 
 POINTMAZE_EVAL_MAP = [[1, 1, 1, 1, 1], [1, "g", 0, 0, 1], [1, 1, 1, 0, 1], [1, 0, 0, 0, 1], [1, 1, 1, 1, 1]]
 POINTMAZE_GOAL_CELL = (1, 1)
+POINTMAZE_TIGHT_MAP = [[1, 1, 1, 1, 1], [1, "g", 0, 0, 1], [1, 1, 1, 0, 1], [1, "r", 0, 0, 1], [1, 1, 1, 1, 1]]  # start (r): the far arm
 
 # AntMaze evaluation mazes: the maze the Minari data was recorded in, with D4RL's fixed start (r) and goal (g). For
 # medium and large these are the eval maps stored with the Minari datasets. For umaze, Minari's stored eval map is the
@@ -75,6 +76,16 @@ TASKS = {
         gym_id="PointMaze_UMaze-v3",
         env_kwargs=dict(maze_map=POINTMAZE_EVAL_MAP, continuing_task=False),
         max_episode_steps=300,
+    ),
+    "pointmaze-tight": Task(
+        "pointmaze",
+        "embedded, built for CQL's fine-tuning dip: PointMaze_UMaze-v3 from the far arm (cell (3,1)) to the goal (1,1), "
+        "sparse reward, 200 steps (the expert needs 149-171); data: an expert with actions inside (-1, 1), noise 0.03",
+        ref_min_score=0.0,
+        ref_max_score=1.0,
+        gym_id="PointMaze_UMaze-v3",
+        env_kwargs=dict(maze_map=POINTMAZE_TIGHT_MAP, continuing_task=False, reward_type="sparse"),
+        max_episode_steps=200,
     ),
     **{
         f"{name}-binary-v0": Task(
