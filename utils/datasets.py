@@ -26,8 +26,8 @@ TRANSITIONS = {"observations": ((None,), "f"), "actions": ((None,), "f"), "rewar
 D4RL_LAYOUT = {"observations": ((None,), NUMBERS), "actions": ((None,), NUMBERS), "rewards": ((), NUMBERS),
                "terminals": ((), NUMBERS), "timeouts": ((), NUMBERS), "next_observations": ("observations", NUMBERS)}
 AWAC_FOLDER = "offpolicy_hand_data"
-EMBEDDED = {"pointmaze-umaze": collect_pointmaze_dataset, "pointmaze-tight": collect_tight_dataset}  # tasks whose data is collected here
 AWAC_URL = "https://drive.google.com/file/d/1SsVaQKZnY5UkuR78WrInp9XxTdKHbF0x/view"  # the official Cal-QL README's link
+EMBEDDED = {"pointmaze-umaze": collect_pointmaze_dataset, "pointmaze-tight": collect_tight_dataset}  # tasks whose data is collected here
 
 
 def load_dataset(env_id: str, dataset_path: str | None, dataset_id: str | None, dataset_dir: str) -> dict:
