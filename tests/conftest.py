@@ -240,8 +240,8 @@ class Drift(gym.Env):
     observation_space = gym.spaces.Box(-np.inf, np.inf, (2,))
     action_space = gym.spaces.Box(-1, 1, (1,))
 
-    def __init__(self, goal=0.5, render_mode=None):
-        self.goal, self.sensor, self.render_mode = goal, np.random.default_rng(), render_mode
+    def __init__(self, goal=0.5):  # no render_mode: a minimal env runs as well
+        self.goal, self.sensor = goal, np.random.default_rng()
 
     def reset(self, seed=None, options=None):
         super().reset(seed=seed)

@@ -216,7 +216,8 @@ def make_env(env_id: str, seed: int, render_mode: str | None = None, env_kwargs:
     task, kwargs = TASKS.get(env_id), parse_env_kwargs(env_id, env_kwargs)
     if task is None:
         try:
-            env = gym.make(env_id, render_mode=render_mode, **kwargs)
+            rendering = {} if render_mode is None else {"render_mode": render_mode}  # a minimal env need not take the argument
+            env = gym.make(env_id, **rendering, **kwargs)
         except TypeError as e:  # an argument the env does not take
             if not kwargs:
                 raise
