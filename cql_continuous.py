@@ -107,6 +107,10 @@ PRESETS = {  # per task family, then per task id on top of it: what differs from
     # Built for CQL's fine-tuning dip (docs/effect.md): small networks, targets 4x faster so Q settles within pre-training
     "pointmaze-tight": dict(policy_hidden=[64, 64], q_hidden=[64, 64], tau=0.02, offline_steps=20_000, online_env_steps=3_000,
                             online_eval_every=500, eval_episodes=20),
+    # Built for CQL's fine-tuning dip (docs/effect.md): AntMaze's rewards and regularizer, small networks, fast targets
+    "bridge": dict(reward_scale=10.0, reward_bias=-5.0, failure_reward=0.0, cql_lagrange=True, cql_target_action_gap=0.8,
+                   policy_hidden=[64, 64], q_hidden=[64, 64], tau=0.02, offline_steps=10_000, offline_eval_every=1_000,
+                   online_env_steps=3_000, online_eval_every=250, eval_episodes=20),
     # The paper's tasks: the official settings (nakamotoo/Cal-QL scripts/run_antmaze.sh, run_adroit.sh, run_kitchen.sh)
     "antmaze": dict(reward_scale=10.0, reward_bias=-5.0, failure_reward=0.0, q_hidden=[256] * 4, cql_lagrange=True, cql_target_action_gap=0.8),
     "adroit": dict(reward_scale=10.0, reward_bias=5.0, failure_reward=-1.0, policy_hidden=[512] * 2, q_hidden=[512] * 3, cql_weight=1.0,

@@ -15,6 +15,7 @@ import tempfile
 import gymnasium as gym
 import numpy as np
 
+from utils.bridge import collect_bridge_dataset
 from utils.pointmaze import collect_pointmaze_dataset, collect_tight_dataset
 from utils.tasks import TASKS, ant_state, antmaze_goal, at_goal
 from utils.validation import NUMBERS, DatasetError, check_arrays
@@ -27,7 +28,8 @@ D4RL_LAYOUT = {"observations": ((None,), NUMBERS), "actions": ((None,), NUMBERS)
                "terminals": ((), NUMBERS), "timeouts": ((), NUMBERS), "next_observations": ("observations", NUMBERS)}
 AWAC_FOLDER = "offpolicy_hand_data"
 AWAC_URL = "https://drive.google.com/file/d/1SsVaQKZnY5UkuR78WrInp9XxTdKHbF0x/view"  # the official Cal-QL README's link
-EMBEDDED = {"pointmaze-umaze": collect_pointmaze_dataset, "pointmaze-tight": collect_tight_dataset}  # tasks whose data is collected here
+EMBEDDED = {"pointmaze-umaze": collect_pointmaze_dataset, "pointmaze-tight": collect_tight_dataset,  # tasks whose data is collected here
+            "point-bridge": collect_bridge_dataset}
 
 
 def load_dataset(env_id: str, dataset_path: str | None, dataset_id: str | None, dataset_dir: str) -> dict:

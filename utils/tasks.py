@@ -89,6 +89,15 @@ TASKS = {
         env_kwargs=dict(maze_map=POINTMAZE_TIGHT_MAP, continuing_task=False, reward_type="sparse"),
         max_episode_steps=200,
     ),
+    "point-bridge": Task(
+        "bridge",
+        "embedded, built for CQL's fine-tuning dip: a point crosses a bridge 1 long and 0.2 wide in 48 steps (the expert "
+        "needs 39-42); a step off it is a fall, and the episode fails; data: an expert with actions inside (-1, 1), noise 0.03",
+        ref_min_score=0.0,
+        ref_max_score=1.0,
+        gym_id="PointBridge-v0",
+        max_episode_steps=48,  # 1.2x the expert's slowest crossing; its actions x0.8 need 50
+    ),
     **{
         f"{name}-binary-v0": Task(
             "adroit",
@@ -128,6 +137,8 @@ TASKS = {
         for name, tasks in KITCHEN_TASKS.items()
     },
 }
+
+gym.register("PointBridge-v0", entry_point="utils.bridge:PointBridge")  # the env of point-bridge (imported when made)
 
 
 def get_task(env_id: str, dataset_path: str | None = None, dataset_id: str | None = None) -> Task:
