@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import pointmaze_env
-from utils import datasets, pointmaze
+from utils import bridge, datasets, pointmaze
 from utils.datasets import load_d4rl_hdf5, load_dataset, load_minari, write_d4rl_hdf5
 from utils.tasks import check_dataset_fits_env, get_task, make_env
 from utils.validation import DatasetError
@@ -143,6 +143,38 @@ def test_tight_task_fails_an_expert_at_half_strength():
         for seed in range(3):
             rows = pointmaze.expert_episode(env, seed, rng, action_scale=strength, **pointmaze.TIGHT_EXPERT)
             assert rows[-1][3] == reaches and len(rows) <= task.max_episode_steps  # terminal: at the goal
+
+
+
+def test_bridge_task_data_is_expert_crossings_with_interior_actions(tmp_path, monkeypatch):
+    monkeypatch.setitem(datasets.EMBEDDED, "point-bridge", lambda: bridge.collect_bridge_dataset(episodes=4))
+    data = load_dataset("point-bridge", None, None, str(tmp_path))  # collected into tmp_path, then read back
+    assert (tmp_path / "point-bridge.hdf5").exists()
+    check_dataset_fits_env(data, make_env("point-bridge", seed=0), "embedded")
+    ends = np.flatnonzero(data["episode_ends"])  # the file's last row is not stored (the D4RL rule): 3 whole episodes
+    assert len(ends) == 4 and np.all(data["terminals"][ends[:3]]) and data["terminals"].sum() == 3  # each across
+    np.testing.assert_array_equal(data["rewards"], data["terminals"])  # sparse: 1 at the far end only
+    assert np.all((39 <= np.diff(ends, prepend=-1)[:3]) & (np.diff(ends, prepend=-1)[:3] <= 42))  # the task allows 48
+    assert np.abs(data["actions"]).max() < 0.7  # inside (-1, 1): not in tanh's flat part
+    assert np.abs(data["next_observations"][:, 1]).max() < bridge.HALF_WIDTH / 4  # near the centre line: falls are new online
+
+
+def test_bridge_task_fails_a_slower_expert_and_a_fall():
+    """What makes a drifting policy lose episodes: 0.8x the expert's speed runs out of time, and a step off the bridge
+    leaves the point where it fell, reward 0, until the time limit."""
+    env, rng = make_env("point-bridge", seed=0), np.random.default_rng(0)
+    for scale, crosses in ((1.0, True), (0.9, True), (0.8, False)):
+        for seed in range(3):
+            rows = bridge.expert_episode(env, seed, rng, scale=scale)
+            assert (rows[-1][3], len(rows) == bridge.TIME_LIMIT) == (crosses, not crosses)  # terminal: across
+    env.reset(seed=0)
+    steps = [env.step(np.array([0.5, 1.0], np.float32))]  # 0.05 sideways per step
+    while not steps[-1][-1]["fallen"]:
+        steps.append(env.step(np.array([0.5, 1.0], np.float32)))
+    assert abs(steps[-1][0][1]) > bridge.HALF_WIDTH >= abs(steps[-2][0][1]) and len(steps) <= 3
+    rest = [env.step(np.array([1.0, -1.0], np.float32)) for _ in range(bridge.TIME_LIMIT - len(steps))]
+    assert all(np.array_equal(obs, steps[-1][0]) and reward == 0 and not terminated for obs, reward, terminated, *_ in rest)
+    assert rest[-1][3] and not rest[-2][3] and not any(info["success"] for *_, info in steps + rest)  # truncated at 48
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -278,20 +278,23 @@ def test_presets_are_the_official_settings_of_each_family(monkeypatch):
     assert (kitchen.q_hidden, kitchen.offline_steps, kitchen.online_env_steps, kitchen.online_eval_every) == ([512] * 3, 500_000, 1_500_000, 5_000)
 
 
-def test_tight_task_runs_with_its_preset_on_its_collected_data(run_script, tmp_path, monkeypatch):
-    """pointmaze-tight: the family's rewards under its own networks, targets and phases; a tiny run end to end on a few
-    of its expert episodes, written where the script caches the collected data."""
+@pytest.mark.parametrize("env_id, preset", [
+    ("pointmaze-tight", dict(cql_weight=5, cql_lagrange=False, q_hidden=[64, 64], tau=0.02, offline_steps=20_000, online_env_steps=3_000, online_eval_every=500)),
+    ("point-bridge", dict(cql_lagrange=True, cql_target_action_gap=0.8, q_hidden=[64, 64], tau=0.02, offline_steps=10_000, online_env_steps=3_000, online_eval_every=250)),
+])
+def test_dip_tasks_run_with_their_presets_on_their_collected_data(env_id, preset, run_script, tmp_path, monkeypatch):
+    """The tasks built for the fine-tuning dip: AntMaze's rewards under their own regularizer, networks, targets and
+    phases; a tiny run end to end on a few of their expert episodes, written where the script caches the collected data."""
     from cal_ql_continuous import parse_args
 
-    from utils.datasets import write_d4rl_hdf5
-    from utils.pointmaze import collect_tight_dataset
+    from utils.datasets import EMBEDDED, write_d4rl_hdf5
 
-    monkeypatch.setattr(sys, "argv", ["cal_ql_continuous.py", "--env-id", "pointmaze-tight"])
-    tight = parse_args()
-    assert (tight.reward_scale, tight.reward_bias, tight.failure_reward, tight.cql_weight) == (10, -5, 0, 5)
-    assert (tight.q_hidden, tight.tau, tight.offline_steps, tight.online_env_steps, tight.online_eval_every) == ([64, 64], 0.02, 20_000, 3_000, 500)
-    write_d4rl_hdf5(str(tmp_path / "data" / "pointmaze-tight.hdf5"), collect_tight_dataset(episodes=2))
-    run_script("cql_continuous.py", "--env-id", "pointmaze-tight", "--dataset-dir", "data", *RUN)
+    monkeypatch.setattr(sys, "argv", ["cal_ql_continuous.py", "--env-id", env_id])
+    args = parse_args()
+    assert (args.reward_scale, args.reward_bias, args.failure_reward) == (10, -5, 0)
+    assert {name: getattr(args, name) for name in preset} == preset
+    write_d4rl_hdf5(str(tmp_path / "data" / f"{env_id}.hdf5"), EMBEDDED[env_id](episodes=2))
+    run_script("cql_continuous.py", "--env-id", env_id, "--dataset-dir", "data", *RUN)
     (run_dir,) = (tmp_path / "runs").iterdir()
     logged = scalars(run_dir)
     assert logged["eval/success_rate"][:2] == [0, 4] and torch.load(run_dir / "final.pt")["global_step"] > 4
