@@ -103,3 +103,34 @@ def test_bad_input_gets_one_line_saying_what_to_do(content, message, atari_run, 
 def test_no_episodes_is_refused(atari_run):
     with pytest.raises(SystemExit, match=r"error: --episodes 0: evaluate at least 1 episode"):
         evaluate.run_episodes(evaluate.Args(atari_run, episodes=0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# benchmarks/bridge_q.py: learned vs true Q on point-bridge
+
+
+def test_bridge_true_q_is_the_discounted_return_of_the_action_then_the_policy():
+    from benchmarks.bridge_q import true_q
+
+    start, forward = np.zeros(2, np.float32), lambda obs: np.array([0.6, 0.0], np.float32)  # 0.03 per step: across in 34
+    crossing = sum(-5 * 0.99**t for t in range(33)) + 5 * 0.99**33  # -5 per step, +5 on the step that ends it
+    assert true_q(forward, start, np.array([0.6, 0.0]), 0.99, 10, -5) == pytest.approx(crossing)
+    sideways = lambda obs: np.array([0.6, 1.0], np.float32)  # noqa: E731 (off the bridge at the third step)
+    assert true_q(sideways, start, np.array([0.6, 1.0]), 0.99, 10, -5) == pytest.approx(-500)  # -5 forever
+    assert true_q(forward, start, np.array([-1.0, 0.0]), 0.99, 10, -5) < crossing  # a step back costs
+
+
+def test_bridge_q_compares_a_saved_agents_q_with_the_truth(run_script, tmp_path):
+    from utils.bridge import collect_bridge_dataset
+    from utils.datasets import write_d4rl_hdf5
+
+    write_d4rl_hdf5(str(tmp_path / "data" / "point-bridge.hdf5"), collect_bridge_dataset(episodes=2))
+    run_script("cql_continuous.py", "--env-id", "point-bridge", "--dataset-dir", "data", *TINY, "--offline-steps", "4", "--offline-eval-every", "4",
+               "--online-env-steps", "1", "--online-eval-every", "1", "--eval-episodes", "1", "--run-name", "bridge")
+    out = run_script("benchmarks/bridge_q.py", "runs/bridge/pretrained.pt", "runs/bridge/final.pt", "--plot", "q.png").stdout.splitlines()
+    assert [line.split(":")[0] for line in out if not line.startswith(" ")] == [
+        "bridge/pretrained.pt, a_x (speed)", "bridge/pretrained.pt, a_y (steering)", "bridge/final.pt, a_x (speed)", "bridge/final.pt, a_y (steering)", "wrote q.png"]
+    assert (tmp_path / "q.png").stat().st_size > 10_000
+    torch.save({"args": {"env_id": "pointmaze-umaze", "exp_name": "cal_ql_continuous"}, "agent": {}}, tmp_path / "maze.pt")
+    proc = run_script("benchmarks/bridge_q.py", "maze.pt", check=False)
+    assert proc.returncode != 0 and proc.stderr.strip() == "error: maze.pt is an agent of pointmaze-umaze: give agents saved on point-bridge"
