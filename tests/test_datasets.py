@@ -116,15 +116,22 @@ def test_embedded_pointmaze_data_is_relabelled_to_the_fixed_goal(pointmaze_data_
     assert 0 < data["terminals"].mean() < 0.5
 
 
-def test_tight_task_data_is_expert_episodes_reaching_the_goal_with_interior_actions(tmp_path, monkeypatch):
-    monkeypatch.setitem(datasets.EMBEDDED, "pointmaze-tight", lambda: pointmaze.collect_tight_dataset(episodes=4))
-    data = load_dataset("pointmaze-tight", None, None, str(tmp_path))  # collected into tmp_path, then read back
-    assert (tmp_path / "pointmaze-tight.hdf5").exists()
-    check_dataset_fits_env(data, make_env("pointmaze-tight", seed=0), "embedded")
-    ends = np.flatnonzero(data["episode_ends"])  # the file's last row is not stored (the D4RL rule): 3 whole episodes
+def collected_expert_data(env_id: str, collect, tmp_path, monkeypatch) -> tuple[dict, np.ndarray]:
+    """An embedded task's data from `collect` (4 expert episodes), collected into tmp_path by `load_dataset` and read
+    back, checked against the task's env; returns it and the lengths of its 3 whole episodes (the file's last row is
+    not stored, the D4RL rule), each of which must end at the goal, the only reward."""
+    monkeypatch.setitem(datasets.EMBEDDED, env_id, collect)
+    data = load_dataset(env_id, None, None, str(tmp_path))
+    assert (tmp_path / f"{env_id}.hdf5").exists()
+    check_dataset_fits_env(data, make_env(env_id, seed=0), "embedded")
+    ends = np.flatnonzero(data["episode_ends"])
     assert len(ends) == 4 and np.all(data["terminals"][ends[:3]]) and data["terminals"].sum() == 3  # each at the goal
     np.testing.assert_array_equal(data["rewards"], data["terminals"])  # sparse: 1 at the goal only
-    lengths = np.diff(ends, prepend=-1)[:3]
+    return data, np.diff(ends, prepend=-1)[:3]
+
+
+def test_tight_task_data_is_expert_episodes_reaching_the_goal_with_interior_actions(tmp_path, monkeypatch):
+    data, lengths = collected_expert_data("pointmaze-tight", lambda: pointmaze.collect_tight_dataset(episodes=4), tmp_path, monkeypatch)
     assert np.all((0.7 * 200 < lengths) & (lengths <= 200))  # within the task's limit, with little to spare
     assert np.abs(data["actions"]).max() < 0.75  # inside (-1, 1): not in tanh's flat part
     np.testing.assert_allclose(data["observations"][0, 2:4], [-1.0, 1.0], atol=0.25)  # the goal: cell (1,1)
@@ -145,16 +152,9 @@ def test_tight_task_fails_an_expert_at_half_strength():
             assert rows[-1][3] == reaches and len(rows) <= task.max_episode_steps  # terminal: at the goal
 
 
-
 def test_bridge_task_data_is_expert_crossings_with_interior_actions(tmp_path, monkeypatch):
-    monkeypatch.setitem(datasets.EMBEDDED, "point-bridge", lambda: bridge.collect_bridge_dataset(episodes=4))
-    data = load_dataset("point-bridge", None, None, str(tmp_path))  # collected into tmp_path, then read back
-    assert (tmp_path / "point-bridge.hdf5").exists()
-    check_dataset_fits_env(data, make_env("point-bridge", seed=0), "embedded")
-    ends = np.flatnonzero(data["episode_ends"])  # the file's last row is not stored (the D4RL rule): 3 whole episodes
-    assert len(ends) == 4 and np.all(data["terminals"][ends[:3]]) and data["terminals"].sum() == 3  # each across
-    np.testing.assert_array_equal(data["rewards"], data["terminals"])  # sparse: 1 at the far end only
-    assert np.all((39 <= np.diff(ends, prepend=-1)[:3]) & (np.diff(ends, prepend=-1)[:3] <= 42))  # the task allows 48
+    data, lengths = collected_expert_data("point-bridge", lambda: bridge.collect_bridge_dataset(episodes=4), tmp_path, monkeypatch)
+    assert np.all((39 <= lengths) & (lengths <= 42))  # the task allows 48
     assert np.abs(data["actions"]).max() < 0.7  # inside (-1, 1): not in tanh's flat part
     assert np.abs(data["next_observations"][:, 1]).max() < bridge.HALF_WIDTH / 4  # near the centre line: falls are new online
 
