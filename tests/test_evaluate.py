@@ -1,6 +1,7 @@
 """benchmarks/evaluate.py: a saved agent of each script, evaluated again, scores what its run logged; bad input."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -128,8 +129,9 @@ def test_bridge_q_compares_a_saved_agents_q_with_the_truth(run_script, tmp_path)
     run_script("cql_continuous.py", "--env-id", "point-bridge", "--dataset-dir", "data", *TINY, "--offline-steps", "4", "--offline-eval-every", "4",
                "--online-env-steps", "1", "--online-eval-every", "1", "--eval-episodes", "1", "--run-name", "bridge")
     out = run_script("benchmarks/bridge_q.py", "runs/bridge/pretrained.pt", "runs/bridge/final.pt", "--plot", "q.png").stdout.splitlines()
-    assert [line.split(":")[0] for line in out if not line.startswith(" ")] == [
-        "bridge/pretrained.pt, a_x (speed)", "bridge/pretrained.pt, a_y (steering)", "bridge/final.pt, a_x (speed)", "bridge/final.pt, a_y (steering)", "wrote q.png"]
+    sweeps = ["a_x (speed) at the start", "a_y (steering) at the start", "y at x = 0.5, the policy's action"]
+    assert [line.split(":")[0] for line in out] == [f"bridge/{name}, {sweep}" for name in ("pretrained.pt", "final.pt") for sweep in sweeps] + ["wrote q.png"]
+    assert all(len(re.findall(r"[+-]\d\.\d\d: [+-]\d+\.\d", line)) == 5 for line in out[:-1])  # learned - true at 5 swept values
     assert (tmp_path / "q.png").stat().st_size > 10_000
     torch.save({"args": {"env_id": "pointmaze-umaze", "exp_name": "cal_ql_continuous"}, "agent": {}}, tmp_path / "maze.pt")
     proc = run_script("benchmarks/bridge_q.py", "maze.pt", check=False)
