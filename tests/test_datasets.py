@@ -173,6 +173,9 @@ def test_bridge_task_fails_a_slower_expert_and_a_fall():
         steps.append(env.step(np.array([0.5, 1.0], np.float32)))
     assert abs(steps[-1][0][1]) > bridge.HALF_WIDTH >= abs(steps[-2][0][1]) and len(steps) <= 3
     rest = [env.step(np.array([1.0, -1.0], np.float32)) for _ in range(bridge.TIME_LIMIT - len(steps))]
+    image = env.unwrapped.render()  # 100 pixels per unit from (-0.2, 0.3): the point red, the water beyond it blue
+    row, col = int(round((0.3 - steps[-1][0][1]) * 100)), int(round((steps[-1][0][0] + 0.2) * 100))
+    assert tuple(image[row, col]) == (220, 40, 40) and tuple(image[row - 5 * int(np.sign(steps[-1][0][1])), col]) == (40, 90, 170)
     assert all(np.array_equal(obs, steps[-1][0]) and reward == 0 and not terminated for obs, reward, terminated, *_ in rest)
     assert rest[-1][3] and not rest[-2][3] and not any(info["success"] for *_, info in steps + rest)  # truncated at 48
 

@@ -133,6 +133,8 @@ def test_bridge_q_compares_a_saved_agents_q_with_the_truth(run_script, tmp_path)
     assert [line.split(":")[0] for line in out] == [f"bridge/{name}, {sweep}" for name in ("pretrained.pt", "final.pt") for sweep in sweeps] + ["wrote q.png"]
     assert all(len(re.findall(r"[+-]\d\.\d\d: [+-]\d+\.\d", line)) == 5 for line in out[:-1])  # learned - true at 5 swept values
     assert (tmp_path / "q.png").stat().st_size > 10_000
+    run_script("benchmarks/evaluate.py", "runs/bridge", "--episodes", "2", "--capture-video")  # the task renders without a GL backend
+    assert sorted(p.name for p in (tmp_path / "videos" / "bridge-eval").glob("*.mp4")) == ["rl-video-episode-0.mp4", "rl-video-episode-1.mp4"]
     torch.save({"args": {"env_id": "pointmaze-umaze", "exp_name": "cal_ql_continuous"}, "agent": {}}, tmp_path / "maze.pt")
     proc = run_script("benchmarks/bridge_q.py", "maze.pt", check=False)
     assert proc.returncode != 0 and proc.stderr.strip() == "error: maze.pt is an agent of pointmaze-umaze: give agents saved on point-bridge"

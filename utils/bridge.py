@@ -18,10 +18,11 @@ class PointBridge(gym.Env):
     Reaching x >= LENGTH on the bridge is success: reward 1, and the episode ends. A step that leaves the bridge
     (|y| > HALF_WIDTH) is a fall: the point stays where it fell, reward 0 until the time limit, so the episode fails."""
 
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
     observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
     action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
 
-    def __init__(self, render_mode=None):  # nothing to render; taken because gymnasium.make passes it
+    def __init__(self, render_mode=None):
         self.render_mode = render_mode
 
     def reset(self, seed=None, options=None):
@@ -36,6 +37,16 @@ class PointBridge(gym.Env):
             self.fallen = abs(self.pos[1]) > HALF_WIDTH
         success = bool(not self.fallen and self.pos[0] >= LENGTH)
         return self.pos.astype(np.float32), float(success), success, False, {"success": success, "fallen": self.fallen}
+
+    def render(self) -> np.ndarray:
+        """Top view, 100 pixels per unit: water blue, the bridge grey, the far end green, the point red."""
+        xs, ys = np.linspace(-0.2, LENGTH + 0.2, 140), np.linspace(0.3, -0.3, 60)[:, None]
+        image = np.empty((len(ys), len(xs), 3), np.uint8)
+        image[:] = (40, 90, 170)
+        image[(np.abs(ys) <= HALF_WIDTH) & (xs >= -0.1)] = (150, 150, 150)
+        image[(np.abs(ys) <= HALF_WIDTH) & (xs >= LENGTH)] = (80, 170, 80)
+        image[(np.abs(ys - self.pos[1]) <= 0.02) & (np.abs(xs - self.pos[0]) <= 0.02)] = (220, 40, 40)
+        return image
 
 
 def expert_action(obs: np.ndarray, rng: np.random.Generator, scale: float = 1.0, noise_std: float = EXPERT_NOISE) -> np.ndarray:
