@@ -10,9 +10,8 @@ trained on: x scale + bias).
 Only this task allows it: its dynamics are known and deterministic, so one rollout is the true value.
 """
 
-import importlib
 import sys
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the scripts and utils/, wherever this is started from
-from benchmarks.evaluate import load_agent_file  # noqa: E402
+from benchmarks.evaluate import load_agent_file, saving_script  # noqa: E402
 from benchmarks.report import panels  # noqa: E402
 from utils.bridge import HALF_WIDTH, PointBridge  # noqa: E402
 from utils.evaluation import deterministic  # noqa: E402
@@ -57,8 +56,7 @@ def true_q(policy, start: np.ndarray, action: np.ndarray, gamma: float, scale: f
 def load(path: Path) -> tuple:
     """The agent saved in `path` and its run's Args, by the script that saved it."""
     path, saved = load_agent_file(path)
-    module = importlib.import_module(saved["args"].get("exp_name", "cal_ql_continuous"))
-    args = replace(module.Args(), **{f.name: saved["args"][f.name] for f in fields(module.Args) if f.name in saved["args"]})
+    module, args = saving_script(saved)
     if args.env_id != "point-bridge" or "agent" not in saved:
         raise SystemExit(f"error: {path} is an agent of {args.env_id}: give agents saved on point-bridge")
     agent = module.Agent(2, 2, args)

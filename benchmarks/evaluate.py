@@ -83,11 +83,16 @@ def atari_agent(module, args, saved: dict, render_mode: str | None) -> tuple:
     return env, lambda seed: epsilon_greedy(qf.act, env.action_space.n, args.eval_epsilon, np.random.default_rng(seed)), args.seed + 1, None, None
 
 
-def rebuild(saved: dict, render_mode: str | None) -> tuple:
-    """The Args saved with the agent (as the saving script's Args), then what `continuous_agent` or `atari_agent` returns."""
+def saving_script(saved: dict) -> tuple:
+    """The script that saved the agent (its module) and the Args saved with it, as that script's Args."""
     exp_name = saved["args"].get("exp_name")
     module = importlib.import_module(exp_name if exp_name in SCRIPTS else "cal_ql_atari" if "qf" in saved else "cal_ql_continuous")
-    args = replace(module.Args(), **{f.name: saved["args"][f.name] for f in fields(module.Args) if f.name in saved["args"]})
+    return module, replace(module.Args(), **{f.name: saved["args"][f.name] for f in fields(module.Args) if f.name in saved["args"]})
+
+
+def rebuild(saved: dict, render_mode: str | None) -> tuple:
+    """The Args saved with the agent (`saving_script`), then what `continuous_agent` or `atari_agent` returns."""
+    module, args = saving_script(saved)
     try:
         return args, *(atari_agent if "qf" in saved else continuous_agent)(module, args, saved, render_mode)
     except (DatasetError, gym.error.Error, ImportError) as e:

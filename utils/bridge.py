@@ -4,7 +4,7 @@ within a tight time limit. Its environment, its expert, and the expert's data.""
 import gymnasium as gym
 import numpy as np
 
-from utils.pointmaze import as_d4rl
+from utils.pointmaze import as_d4rl, episode_rows
 from utils.tasks import TASKS
 
 LENGTH, HALF_WIDTH, STEP = 1.0, 0.1, 0.05  # the bridge runs from x = 0 to LENGTH, |y| <= HALF_WIDTH; a move is STEP * action
@@ -58,14 +58,7 @@ def expert_action(obs: np.ndarray, rng: np.random.Generator, scale: float = 1.0,
 
 def expert_episode(env: gym.Env, seed: int, rng: np.random.Generator, **expert) -> list[tuple]:
     """One episode of the expert (keyword arguments: `expert_action`'s); returns its rows (see `as_d4rl`)."""
-    obs, _ = env.reset(seed=seed)
-    rows, done = [], False
-    while not done:
-        action = expert_action(obs, rng, **expert)
-        next_obs, reward, terminated, truncated, _ = env.step(action)
-        rows.append((obs, action, reward, terminated, truncated and not terminated, next_obs))
-        obs, done = next_obs, terminated or truncated
-    return rows
+    return episode_rows(env, seed, lambda obs: expert_action(obs, rng, **expert))
 
 
 def collect_bridge_dataset(episodes: int = 200, seed: int = 0, time_limit: int = 100) -> dict:

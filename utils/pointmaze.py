@@ -87,20 +87,30 @@ def collect_pointmaze_dataset(n_transitions: int = 100_000, seed: int = 0, radiu
 TIGHT_EXPERT = dict(kp=5.0, force_limit=0.6, noise_std=0.03)
 
 
+def episode_rows(env: gym.Env, seed: int, act, observe=lambda obs: obs) -> list[tuple]:
+    """One episode of the policy `act(obs)` from reset(seed); returns its rows (see `as_d4rl`), each observation as
+    `observe` makes it (the flat vector of a dict observation)."""
+    obs, _ = env.reset(seed=seed)
+    rows, done = [], False
+    while not done:
+        action = act(obs)
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        rows.append((observe(obs), action, float(reward), terminated, truncated and not terminated, observe(next_obs)))
+        obs, done = next_obs, terminated or truncated
+    return rows
+
+
 def expert_episode(env: gym.Env, seed: int, rng: np.random.Generator, action_scale: float = 1.0, **expert) -> list[tuple]:
     """One episode of the waypoint controller in a PointMaze env (dict observations), its actions times
     `action_scale`; returns its rows (see `as_d4rl`)."""
     maze = env.unwrapped.maze
-    distances, rows = path_distances(maze), []
-    obs, _ = env.reset(seed=seed)
-    done = False
-    while not done:
+    distances = path_distances(maze)
+
+    def act(obs):
         pos, vel = obs["observation"][:2], obs["observation"][2:]
-        action = action_scale * waypoint_action(maze, distances, pos, vel, obs["desired_goal"], rng, **expert)
-        next_obs, reward, terminated, truncated, _ = env.step(action)
-        rows.append((flat(obs), action, float(reward), terminated, truncated and not terminated, flat(next_obs)))
-        obs, done = next_obs, terminated or truncated
-    return rows
+        return action_scale * waypoint_action(maze, distances, pos, vel, obs["desired_goal"], rng, **expert)
+
+    return episode_rows(env, seed, act, flat)
 
 
 def collect_tight_dataset(episodes: int = 200, seed: int = 0, time_limit: int = 400) -> dict:
